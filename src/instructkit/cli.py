@@ -1,0 +1,177 @@
+"""The `instructkit` command: parse, dispatch to the library, map outcomes to exit codes.
+
+Exit codes: 0 success, 2 bad input (one paragraph, no traceback unless --debug), 1 internal
+failure, 130 interrupted. Heavy imports happen inside the commands so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+
+from instructkit.errors import TrainingInterrupted, UserError
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _cmd_train(args) -> int:
+    from instructkit.config import load_config
+    from instructkit.train import train
+
+    run_dir = train(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    print(f"run directory: {run_dir}")
+    return EXIT_OK
+
+
+def _cmd_validate(args) -> int:
+    from instructkit.config import load_config
+    from instructkit.data.pipeline import load_conversations
+    from instructkit.models import check_runtime, locate_model
+    from instructkit.rundir import check_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    where = locate_model(cfg.model.name_or_path)
+    check_runtime(cfg.model)
+    train_rows, eval_rows, fmt = load_conversations(cfg.data, cfg.seed)
+    print(f"config OK: {args.config}")
+    print(f"  model: {where}; method {cfg.method}")
+    print(f"  data: {len(train_rows)} train rows, {len(eval_rows)} eval rows, format {fmt}")
+    try:
+        check_run_dir(cfg, overwrite=False)
+        print(f"  output_dir: {cfg.output_dir}")
+    except UserError as exc:
+        print(f"  note: {exc}")
+    return EXIT_OK
+
+
+def _sampling(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+
+
+def _cmd_generate(args) -> int:
+    from instructkit.generate import generate, generate_file, load_for_inference, messages_from_cli
+
+    if (args.prompt is None) == (args.file is None):
+        raise UserError("give either --prompt TEXT or --file PROMPTS.jsonl (with --output OUT.jsonl).")
+    if args.file and not args.output:
+        raise UserError("--file needs --output OUT.jsonl for the results.")
+    loaded = load_for_inference(args.run_or_model)
+    if args.file:
+        n = generate_file(loaded, args.file, args.output, batch_size=args.batch_size, **_sampling(args))
+        print(f"wrote {n} rows to {args.output}")
+    else:
+        print(generate(loaded, [messages_from_cli(args.prompt, args.input, args.system)], **_sampling(args))[0])
+    return EXIT_OK
+
+
+def _cmd_chat(args) -> int:
+    from instructkit.generate import chat, load_for_inference
+
+    chat(load_for_inference(args.run_or_model), input, print, system=args.system, **_sampling(args))
+    return EXIT_OK
+
+
+def _cmd_eval(args) -> int:
+    from instructkit.evaluate import evaluate, format_results
+
+    results = evaluate(args.run_or_model, args.data, baseline=args.baseline, out_dir=args.out,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(format_results(results))
+    print(f"wrote {results['out_dir']}/eval.json and predictions.jsonl")
+    return EXIT_OK
+
+
+def _cmd_env(args) -> int:
+    from instructkit.env import collect, format_table, gpu_problem
+
+    info = collect(args.output_dir)
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    problem = gpu_problem(info) if args.require_gpu else None
+    if problem:
+        print(f"no usable GPU: {problem}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _add_sampling(parser: argparse.ArgumentParser, max_new: int = 256) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default {max_new}")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instructkit", description="Instruction tuning of causal language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a run from a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.learning_rate=1e-4")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("validate", help="check a config, its data files and its model without training")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("generate", help="generate from a run or model with its training template")
+    p.add_argument("run_or_model")
+    p.add_argument("--prompt", help="the instruction")
+    p.add_argument("--input", help="optional context for the instruction (Alpaca 'input')")
+    p.add_argument("--system", help="optional system prompt")
+    p.add_argument("--file", help="JSONL of prompts (instruction/input or prompt)")
+    p.add_argument("--output", help="JSONL to write: each input row plus 'output'")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_sampling(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with a run or model")
+    p.add_argument("run_or_model")
+    p.add_argument("--system", help="optional system prompt")
+    _add_sampling(p)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("eval", help="exact-match evaluation, optionally against the base model")
+    p.add_argument("run_or_model")
+    p.add_argument("--data", required=True, help="rows with references (e.g. Alpaca with 'output')")
+    p.add_argument("--baseline", action="store_true", help="also evaluate the base model before tuning")
+    p.add_argument("--out", help="output directory (default RUN/eval)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--require-gpu", action="store_true", help="exit 1 unless a GPU is usable")
+    p.add_argument("--output-dir", default="runs", help="where free disk space is measured")
+    p.set_defaults(func=_cmd_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INTERRUPTED if exc.signum == signal.SIGINT else 128 + exc.signum
+    except Exception as exc:  # noqa: BLE001 - the one place internal failures become exit code 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAIL
+

@@ -1,0 +1,238 @@
+"""The run configuration: pydantic models of one YAML file, validated at load.
+
+Names follow Hugging Face `TrainingArguments` so users meet what they know. Every model rejects
+unknown keys, and `load_config` reports every problem at once with its key path and a fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from instructkit.errors import UserError, user_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(
+        description="builtin alias (smollm2-135m-instruct), a local Hugging Face model directory, "
+        "or a hub id (from the local cache, or downloaded where the network allows; token from HF_TOKEN)"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    trust_remote_code: bool = Field(False, description="allow model code from the model's repository")
+    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (needs CUDA and bitsandbytes)")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, gt=0, description="rank of the LoRA update")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="module names to adapt, or all-linear",
+    )
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (passed to peft)")
+
+
+class DataConfig(_Strict):
+    train_file: Union[str, list[str]] = Field(description="a JSON/JSONL file or a list of them")
+    eval_file: Union[str, list[str], None] = Field(None, description="held-out data for eval loss")
+    val_size: float = Field(
+        0.0, ge=0.0, description="split off eval data from train: a fraction < 1, or a row count >= 1"
+    )
+    format: Literal["auto", "alpaca"] = Field("auto", description="row format; auto detects it")
+    template: Literal["auto", "alpaca", "chatml"] = Field(
+        "auto", description="prompt template; auto: the tokenizer's chat template, else alpaca"
+    )
+    max_length: int = Field(512, ge=8, description="maximum tokens of one example")
+    train_on_inputs: bool = Field(False, description="also supervise prompt tokens")
+    overlength: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="what to do with examples longer than max_length (truncate keeps the EOS)"
+    )
+
+    @property
+    def train_files(self) -> list[str]:
+        return [self.train_file] if isinstance(self.train_file, str) else list(self.train_file)
+
+    @property
+    def eval_files(self) -> list[str]:
+        if self.eval_file is None:
+            return []
+        return [self.eval_file] if isinstance(self.eval_file, str) else list(self.eval_file)
+
+
+class TrainConfig(_Strict):
+    per_device_train_batch_size: int = Field(4, ge=1, description="examples per micro-batch")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="examples per eval batch")
+    gradient_accumulation_steps: int = Field(8, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2.0e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    num_train_epochs: float = Field(3, gt=0, description="passes over the training data")
+    max_steps: int = Field(-1, description="optimizer steps; overrides num_train_epochs when > 0")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of steps spent warming up")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warmup"
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables")
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = Field("adamw_torch", description="optimizer")
+    logging_steps: int = Field(10, ge=1, description="optimizer steps between log lines")
+    eval_steps: Union[int, None] = Field(
+        None, ge=1, description="optimizer steps between eval-loss runs; null: at each epoch end"
+    )
+    save_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="when to checkpoint")
+    save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints (save_strategy: steps)")
+    save_total_limit: Union[int, None] = Field(2, ge=1, description="checkpoints kept; null keeps all")
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="extra metric sinks; [] for none"
+    )
+
+
+class RunConfig(_Strict):
+    run_name: str = Field("run", min_length=1, description="a name for the run")
+    output_dir: Union[str, None] = Field(None, description="run directory; null: runs/RUN_NAME")
+    seed: int = Field(42, description="seed for data order, dropout and initialisation")
+    model: ModelConfig
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tuning")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.run_name}"
+        if self.model.load_in_4bit and self.method != "lora":
+            raise ValueError("model.load_in_4bit needs method: lora (4-bit weights cannot be trained directly)")
+        has_eval = bool(self.data.eval_files) or self.data.val_size > 0
+        if self.data.eval_files and self.data.val_size > 0:
+            raise ValueError("set data.eval_file or data.val_size, not both")
+        if self.train.eval_steps is not None and not has_eval:
+            raise ValueError("train.eval_steps is set but there is no eval data: set data.eval_file or data.val_size")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into a key path and a YAML-typed value (`1e-4` -> float, `[x]` -> list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise user_error(
+            f"the override '{text}' is not of the form key.path=value", fix="write e.g. train.learning_rate=1e-4"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted override in a nested dict (unknown keys are caught by validation)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise user_error(f"override '{text}': '{part}' is not a section", fix="check the key path")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise user_error(f"config file not found: {path}", fix="check the path (relative to the current directory)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise user_error(f"not valid YAML ({exc.problem})", where, "fix the YAML syntax at that line") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise user_error(f"not a readable YAML file ({exc})", str(path), "save it as UTF-8 YAML") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise user_error("the config must be a mapping of keys to values", str(path), "see the README's config reference")
+    return data
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """All problems at once, one line each: `key.path: what (fix)`."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            hint = "unknown key; allowed here: " + ", ".join(_allowed_keys(err["loc"]))
+        elif kind == "missing":
+            hint = "required key is missing; add it"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            hint = f"{msg} (got {given!r})" if given is not None and not isinstance(given, dict) else msg
+        lines.append(f"  {key}: {hint}")
+    return f"{source}: invalid config ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; raises UserError listing every problem."""
+    path = Path(path)
+    data = apply_overrides(_read_yaml(path), overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, str(path))) from exc
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, in field order, loadable by `load_config`."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def reference_rows(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, description) for every leaf key: the README's config reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(reference_rows(annotation, f"{prefix}{name}."))
+            continue
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in reference_rows()]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Instruction data: read rows, convert to conversations, render with one template, tokenize with masks."""

@@ -1,0 +1,176 @@
+"""Prompt templates: one Jinja source renders training examples and inference prompts alike.
+
+Builtin templates are Jinja chat templates too, so the template written into the saved tokenizer
+is exactly what rendered the training data, and plain `transformers` can use it. A conversation is
+split into segments by rendering it turn by turn: prompt segments (not supervised) and response
+segments (supervised through the end-of-turn token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from instructkit.data.formats import Message
+from instructkit.errors import UserError
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                         "further context. Write a response that appropriately completes the request.\n\n")
+
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal for `text`."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# The seed's Alpaca format; a system message replaces the preamble. The Input block is left out
+# when the input is empty. Turns after the first are separated by a blank line.
+ALPACA = (
+    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}"
+    "{%- elif messages[0]['input'] is defined and messages[0]['input'] -%}{{- " + _jinja_str(ALPACA_PREAMBLE_INPUT) + " -}}"
+    "{%- else -%}{{- " + _jinja_str(ALPACA_PREAMBLE) + " -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' -%}{{- '\\n\\n' -}}{%- endif -%}"
+    "{{- '### Instruction:\\n' + message['content'] + '\\n\\n' -}}"
+    "{%- if message['input'] is defined and message['input'] -%}"
+    "{{- '### Input:\\n' + message['input'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- '### Response:\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+    "{%- endif -%}{%- endfor -%}"
+)
+
+CHATML = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# name -> (jinja source, end-of-turn token or None for the tokenizer's EOS, renders `input` itself)
+BUILTINS: dict[str, tuple[str, str | None, bool]] = {
+    "alpaca": (ALPACA, None, True),
+    "chatml": (CHATML, "<|im_end|>", False),
+}
+
+
+@dataclass(frozen=True)
+class Template:
+    """A resolved template: its Jinja source, end-of-turn token, and whether it renders `input`."""
+
+    name: str
+    source: str
+    eot_token: str
+    renders_input: bool
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def _builtin(name: str, tokenizer) -> Template:
+    source, eot, renders_input = BUILTINS[name]
+    if _adds_bos(tokenizer):  # the tokenizer's own encoding starts with BOS; so do our prompts
+        source = "{{- bos_token -}}" + source
+    eot = eot or tokenizer.eos_token
+    if eot is None:
+        raise UserError(f"the template {name} ends turns with the EOS token, but the tokenizer has none. "
+                        "Fix: use a tokenizer with an EOS token or another template.")
+    ids = tokenizer(eot, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise UserError(f"the template {name} ends turns with {eot}, which this tokenizer does not have as one "
+                        f"token (it becomes {len(ids)} tokens), so the model could not learn to stop. "
+                        "Fix: set data.template to alpaca, or auto to use the tokenizer's own template.")
+    return Template(name, source, eot, renders_input)
+
+
+def _detect_eot(tokenizer, source: str) -> str:
+    """The special token that closes an assistant turn in a tokenizer's own template."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Q9Z"}]
+    rendered = tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
+    tail = rendered[rendered.rfind("Q9Z") + 3:]
+    specials = {t for t in tokenizer.all_special_tokens if t} | {str(t) for t in tokenizer.get_added_vocab()}
+    found = sorted((tail.find(t), t) for t in specials if t in tail)
+    if not found:
+        raise UserError("the tokenizer's chat template does not end an assistant turn with a special token, so "
+                        "the model could not learn to stop. Fix: set data.template to alpaca or chatml.")
+    return found[0][1]
+
+
+def resolve_template(name: str, tokenizer) -> Template:
+    """`auto` -> the tokenizer's chat template when it has one, else alpaca; or a named builtin."""
+    if name == "auto":
+        if not tokenizer.chat_template:
+            return _builtin("alpaca", tokenizer)
+        for builtin in BUILTINS:  # a tokenizer saved by instructkit carries one of ours
+            if _builtin_source_matches(builtin, tokenizer):
+                return _builtin(builtin, tokenizer)
+        source = tokenizer.chat_template
+        return Template("tokenizer", source, _detect_eot(tokenizer, source), False)
+    return _builtin(name, tokenizer)
+
+
+def _builtin_source_matches(name: str, tokenizer) -> bool:
+    source = BUILTINS[name][0]
+    return tokenizer.chat_template in (source, "{{- bos_token -}}" + source)
+
+
+def _as_dicts(messages: tuple[Message, ...] | list[Message], template: Template) -> list[dict]:
+    out = []
+    for m in messages:
+        if template.renders_input and m.input:
+            out.append({"role": m.role, "content": m.content, "input": m.input})
+        else:
+            out.append({"role": m.role, "content": f"{m.content}\n\n{m.input}" if m.input else m.content})
+    return out
+
+
+def render(template: Template, tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(_as_dicts(messages, template), chat_template=template.source,
+                                         tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _prefix_error(template: Template) -> UserError:
+    return UserError(f"the {template.name} template renders an earlier part of a conversation differently once "
+                     "later turns are added, so prompt and response cannot be split exactly. "
+                     "Fix: set data.template to a builtin (alpaca or chatml).")
+
+
+def render_segments(template: Template, tokenizer, messages, add_generation_prompt: bool = False
+                    ) -> list[tuple[str, bool]]:
+    """(text, supervised) pieces whose concatenation is the rendered conversation.
+
+    Each assistant turn is supervised up to and including its end-of-turn token; whatever the
+    template puts after that token (a newline) and every other turn is not.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        prompt = render(template, tokenizer, messages[:i], add_generation_prompt=True)
+        full = render(template, tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise _prefix_error(template)
+        response = full[len(prompt):]
+        end = response.rfind(template.eot_token)
+        if end < 0:
+            raise UserError(f"the {template.name} template does not close an assistant turn with "
+                            f"{template.eot_token}. Fix: set data.template to alpaca or chatml.")
+        end += len(template.eot_token)
+        segments += [(prompt[len(done):], False), (response[:end], True), (response[end:], False)]
+        done = full
+    if add_generation_prompt or not messages or messages[-1].role != "assistant":
+        rest = render(template, tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        if not rest.startswith(done):
+            raise _prefix_error(template)
+        segments.append((rest[len(done):], False))
+    return [(text, supervised) for text, supervised in segments if text]
+
+
+def stop_token_ids(tokenizer, template: Template) -> list[int]:
+    """Generation stops at the template's end-of-turn token and at the tokenizer's EOS."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(template.eot_token)}
+    return sorted(i for i in ids if i is not None)

