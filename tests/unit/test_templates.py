@@ -1,0 +1,102 @@
+"""Exact renderings and masks on the byte tokenizer (one token per byte; specials are one token)."""
+
+import pytest
+
+from instructkit.data.formats import Message
+from instructkit.data.templates import (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, render, render_segments,
+                                        resolve_template, stop_token_ids)
+from instructkit.data.tokenize import IGNORE, tokenize_segments
+from instructkit.errors import UserError
+from tests.conftest import make_byte_tokenizer
+
+SINGLE = (Message("user", "Add one.", "2"), Message("assistant", "3"))
+NO_INPUT = (Message("user", "Say yes."), Message("assistant", "yes"))
+
+
+def test_alpaca_is_the_seed_format(byte_tokenizer):
+    tpl = resolve_template("alpaca", byte_tokenizer)
+    assert render(tpl, byte_tokenizer, SINGLE, False) == (
+        ALPACA_PREAMBLE_INPUT + "### Instruction:\nAdd one.\n\n### Input:\n2\n\n### Response:\n3</s>")
+    assert render(tpl, byte_tokenizer, NO_INPUT, False) == (
+        ALPACA_PREAMBLE + "### Instruction:\nSay yes.\n\n### Response:\nyes</s>")
+    assert "### Input" not in render(tpl, byte_tokenizer, (Message("user", "x", ""), Message("assistant", "y")), False)
+
+
+def test_alpaca_system_message_replaces_preamble(byte_tokenizer):
+    tpl = resolve_template("alpaca", byte_tokenizer)
+    text = render(tpl, byte_tokenizer, (Message("system", "Be brief."),) + NO_INPUT, False)
+    assert text == "Be brief.\n\n### Instruction:\nSay yes.\n\n### Response:\nyes</s>"
+
+
+def test_auto_without_chat_template_is_alpaca(byte_tokenizer):
+    assert resolve_template("auto", byte_tokenizer).name == "alpaca"
+
+
+def test_mask_supervises_exactly_the_response_and_eos(byte_tokenizer):
+    tpl = resolve_template("alpaca", byte_tokenizer)
+    ids, labels = tokenize_segments(render_segments(tpl, byte_tokenizer, SINGLE), byte_tokenizer)
+    prompt = ALPACA_PREAMBLE_INPUT + "### Instruction:\nAdd one.\n\n### Input:\n2\n\n### Response:\n"
+    eos = byte_tokenizer.eos_token_id
+    assert len(ids) == len(prompt.encode()) + 2  # one token per byte, then "3" and </s>
+    assert labels == [IGNORE] * len(prompt.encode()) + ids[-2:]
+    assert ids[-1] == eos and byte_tokenizer.decode(ids[-2:-1]) == "3"
+
+
+def test_train_on_inputs_supervises_everything(byte_tokenizer):
+    tpl = resolve_template("alpaca", byte_tokenizer)
+    ids, labels = tokenize_segments(render_segments(tpl, byte_tokenizer, SINGLE), byte_tokenizer, True)
+    assert labels == ids
+
+
+def test_chatml_supervises_through_im_end_not_the_newline(byte_tokenizer):
+    tpl = resolve_template("chatml", byte_tokenizer)
+    segments = render_segments(tpl, byte_tokenizer, NO_INPUT)
+    assert segments == [("<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\n", False),
+                        ("yes<|im_end|>", True), ("\n", False)]
+    ids, labels = tokenize_segments(segments, byte_tokenizer)
+    im_end = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert [i for i, l in zip(ids, labels) if l != IGNORE] == byte_tokenizer("yes", add_special_tokens=False).input_ids + [im_end]
+    assert stop_token_ids(byte_tokenizer, tpl) == sorted({byte_tokenizer.eos_token_id, im_end})
+
+
+def test_multi_turn_every_assistant_turn_supervised(byte_tokenizer):
+    tpl = resolve_template("chatml", byte_tokenizer)
+    conv = (Message("user", "a"), Message("assistant", "b"), Message("user", "c"), Message("assistant", "d"))
+    ids, labels = tokenize_segments(render_segments(tpl, byte_tokenizer, conv), byte_tokenizer)
+    supervised = byte_tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE])
+    assert supervised == "b<|im_end|>d<|im_end|>"
+
+
+def test_generation_prompt_equals_training_prompt_tokens(byte_tokenizer):
+    for name in ("alpaca", "chatml"):
+        tpl = resolve_template(name, byte_tokenizer)
+        ids, labels = tokenize_segments(render_segments(tpl, byte_tokenizer, SINGLE), byte_tokenizer)
+        prompt_ids, _ = tokenize_segments(render_segments(tpl, byte_tokenizer, SINGLE[:1], True), byte_tokenizer)
+        first_supervised = next(i for i, l in enumerate(labels) if l != IGNORE)
+        assert ids[:first_supervised] == prompt_ids, name
+
+
+def test_chatml_refused_without_im_end_token():
+    plain = make_byte_tokenizer(extra_specials=())
+    with pytest.raises(UserError, match="does not have as one token"):
+        resolve_template("chatml", plain)
+
+
+def test_tokenizer_template_and_its_end_of_turn(byte_tokenizer):
+    from instructkit.data.templates import CHATML
+
+    tok = make_byte_tokenizer()
+    tok.chat_template = CHATML.replace("'<|im_start|>' + message['role']", "'<|im_start|>' + message['role'] + ':'")
+    tpl = resolve_template("auto", tok)
+    assert tpl.name == "tokenizer" and tpl.eot_token == "<|im_end|>"
+    tok.chat_template = CHATML  # a tokenizer saved by a run carries the builtin: recognised as such
+    assert resolve_template("auto", tok).name == "chatml"
+
+
+def test_template_that_rewrites_history_is_refused(byte_tokenizer):
+    tok = make_byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if loop.last %}[{{ messages|length }}]"
+                         "{% endif %}<|im_end|>{% endfor %}")
+    tpl = resolve_template("auto", tok)
+    with pytest.raises(UserError, match="cannot be split exactly"):
+        render_segments(tpl, tok, (Message("user", "a"), Message("assistant", "b")))
