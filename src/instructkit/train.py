@@ -58,6 +58,18 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
+def make_accelerator(mixed_precision: str):
+    """An Accelerator for this run. accelerate keeps one AcceleratorState per process; a second
+    `train()` in the same process (a notebook) may need another precision, so the earlier state is
+    dropped. PartialState, which holds the distributed process group, is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:  # no public API for this; used only when a previous run left state
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 def loss_sum(model, batch):
     """Summed next-token cross entropy over supervised positions (fp32 for the softmax)."""
     import torch.nn.functional as F
@@ -134,7 +146,6 @@ def save_final(run_dir: Path, model, tokenizer, template, method: str) -> Path:
 def train(cfg: RunConfig, overwrite: bool = False) -> Path:
     """Train per `cfg` and return the run directory; raises UserError on bad input before writing."""
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -144,7 +155,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
     run_dir = check_run_dir(cfg, overwrite)
     check_runtime(cfg.model)
     plan = plan_loading(cfg.model, cfg.method, training=True)
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[plan.compute_precision])
+    accelerator = make_accelerator(MIXED_PRECISION[plan.compute_precision])
     say = accelerator.print
     set_seed(cfg.seed)
 
