@@ -39,6 +39,19 @@ def make_byte_tokenizer(extra_specials=("<|im_start|>", "<|im_end|>")):
                                    additional_special_tokens=list(extra_specials))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory):
+    """Tokenized-data caches of tests go to a temporary INSTRUCTKIT_HOME; converted models are shared
+    with the real cache (converting SmolLM2 takes about 30 s) through a symlink."""
+    real = Path(os.environ.get("INSTRUCTKIT_HOME") or "~/.cache/instructkit").expanduser()
+    (real / "models").mkdir(parents=True, exist_ok=True)
+    home = tmp_path_factory.mktemp("instructkit-home")
+    (home / "models").symlink_to(real / "models")
+    os.environ["INSTRUCTKIT_HOME"] = str(home)
+    yield home
+    os.environ.pop("INSTRUCTKIT_HOME")
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return make_byte_tokenizer()

@@ -29,22 +29,35 @@ def _cmd_train(args) -> int:
 
 def _cmd_validate(args) -> int:
     from instructkit.config import load_config
-    from instructkit.data.pipeline import load_conversations
+    from instructkit.data.pipeline import check_rows
     from instructkit.models import check_runtime, locate_model
     from instructkit.rundir import check_run_dir
 
     cfg = load_config(args.config, args.overrides)
     where = locate_model(cfg.model.name_or_path)
     check_runtime(cfg.model)
-    train_rows, eval_rows, fmt = load_conversations(cfg.data, cfg.seed)
+    summary = check_rows(cfg.data, cfg.seed)
     print(f"config OK: {args.config}")
     print(f"  model: {where}; method {cfg.method}")
-    print(f"  data: {len(train_rows)} train rows, {len(eval_rows)} eval rows, format {fmt}")
+    print(f"  data: {summary}")
     try:
         check_run_dir(cfg, overwrite=False)
         print(f"  output_dir: {cfg.output_dir}")
     except UserError as exc:
         print(f"  note: {exc}")
+    return EXIT_OK
+
+
+def _cmd_data_inspect(args) -> int:
+    from instructkit.config import load_config
+    from instructkit.data.inspect import format_inspection, inspect_data
+    from instructkit.models import load_tokenizer, resolve_model
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    report = inspect_data(cfg.data, tokenizer, cfg.seed, n=args.n)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_inspection(report, color))
     return EXIT_OK
 
 
@@ -118,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser("inspect", help="show rendered examples with the supervised tokens marked, and statistics")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--n", type=int, default=3, help="examples to show (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON, with each shown example's input_ids and labels")
+    p.set_defaults(func=_cmd_data_inspect)
 
     p = sub.add_parser("generate", help="generate from a run or model with its training template")
     p.add_argument("run_or_model")

@@ -6,6 +6,7 @@ unknown keys, and `load_config` reports every problem at once with its key path 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -13,6 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from instructkit.errors import UserError, user_error
+
+
+def instructkit_home() -> Path:
+    """Cache root for converted models and tokenized data (INSTRUCTKIT_HOME, else ~/.cache/instructkit)."""
+    return Path(os.environ.get("INSTRUCTKIT_HOME") or "~/.cache/instructkit").expanduser()
 
 
 class _Strict(BaseModel):
@@ -46,31 +52,62 @@ class LoraConfig(_Strict):
     use_dora: bool = Field(False, description="weight-decomposed LoRA (passed to peft)")
 
 
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
+Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+
+
+class DatasetSpec(_Strict):
+    path: str = Field(description="a file, glob, directory or hub dataset id")
+    weight: float = Field(1.0, gt=0, description="rows taken = weight x rows (below 1 samples, above 1 repeats)")
+    format: Union[Format, None] = Field(None, description="this source's format; null: data.format")
+    columns: Union[dict[str, str], None] = Field(None, description="this source's column mapping; null: data.columns")
+    split: str = Field("train", description="split of a hub dataset")
+
+
+Sources = Union[str, list[Union[str, DatasetSpec]]]
+
+
+def _specs(value: "Sources | None") -> list[DatasetSpec]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    return [DatasetSpec(path=item) if isinstance(item, str) else item for item in items]
+
+
 class DataConfig(_Strict):
-    train_file: Union[str, list[str]] = Field(description="a JSON/JSONL file or a list of them")
-    eval_file: Union[str, list[str], None] = Field(None, description="held-out data for eval loss")
+    train_file: Sources = Field(
+        description="a file (.jsonl .json .csv .parquet), glob, directory or hub dataset id, or a list of "
+        "them; list items may be {path, weight, format, columns, split} to mix datasets")
+    eval_file: Union[Sources, None] = Field(None, description="held-out data for eval loss, same forms")
     val_size: float = Field(
         0.0, ge=0.0, description="split off eval data from train: a fraction < 1, or a row count >= 1"
     )
-    format: Literal["auto", "alpaca"] = Field("auto", description="row format; auto detects it")
-    template: Literal["auto", "alpaca", "chatml"] = Field(
+    format: Format = Field("auto", description="row format; auto detects it per source and says which")
+    columns: Union[dict[str, str], None] = Field(
+        None, description="rename columns to the format's names, e.g. {instruction: question, output: answer}")
+    template: Literal["auto", "alpaca", "chatml", "llama3", "plain"] = Field(
         "auto", description="prompt template; auto: the tokenizer's chat template, else alpaca"
     )
     max_length: int = Field(512, ge=8, description="maximum tokens of one example")
     train_on_inputs: bool = Field(False, description="also supervise prompt tokens")
+    train_on_turns: Literal["all", "last"] = Field("all", description="which assistant turns are supervised")
     overlength: Literal["drop", "truncate", "error"] = Field(
         "drop", description="what to do with examples longer than max_length (truncate keeps the EOS)"
     )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="error: stop before training with the report; skip: train on the rest")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="with skip, stop anyway above this share of bad rows")
+    packing: bool = Field(False, description="pack examples into rows of max_length, each attending only to itself")
+    num_proc: int = Field(1, ge=1, description="processes for tokenization")
+    cache: bool = Field(True, description="cache tokenized data on disk, keyed by content, tokenizer and settings")
 
     @property
-    def train_files(self) -> list[str]:
-        return [self.train_file] if isinstance(self.train_file, str) else list(self.train_file)
+    def train_specs(self) -> list[DatasetSpec]:
+        return _specs(self.train_file)
 
     @property
-    def eval_files(self) -> list[str]:
-        if self.eval_file is None:
-            return []
-        return [self.eval_file] if isinstance(self.eval_file, str) else list(self.eval_file)
+    def eval_specs(self) -> list[DatasetSpec]:
+        return _specs(self.eval_file)
 
 
 class TrainConfig(_Strict):
@@ -115,8 +152,8 @@ class RunConfig(_Strict):
             self.output_dir = f"runs/{self.run_name}"
         if self.model.load_in_4bit and self.method != "lora":
             raise ValueError("model.load_in_4bit needs method: lora (4-bit weights cannot be trained directly)")
-        has_eval = bool(self.data.eval_files) or self.data.val_size > 0
-        if self.data.eval_files and self.data.val_size > 0:
+        has_eval = bool(self.data.eval_specs) or self.data.val_size > 0
+        if self.data.eval_specs and self.data.val_size > 0:
             raise ValueError("set data.eval_file or data.val_size, not both")
         if self.train.eval_steps is not None and not has_eval:
             raise ValueError("train.eval_steps is set but there is no eval data: set data.eval_file or data.val_size")

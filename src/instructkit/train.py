@@ -20,7 +20,7 @@ from instructkit.checkpoint import save_checkpoint
 from instructkit.config import RunConfig
 from instructkit.data.collate import pad_batch
 from instructkit.data.pipeline import build_datasets
-from instructkit.data.sources import sha256_file
+from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
 from instructkit.data.templates import stop_token_ids
 from instructkit.data.tokenize import IGNORE
 from instructkit.errors import TrainingInterrupted
@@ -70,11 +70,15 @@ def make_accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
 def loss_sum(model, batch):
-    """Summed next-token cross entropy over supervised positions (fp32 for the softmax)."""
+    """Summed next-token cross entropy over supervised positions (fp32 for the softmax). Packed
+    batches carry position_ids and no attention mask; padded ones the reverse."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).logits
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
@@ -119,7 +123,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, group: list, max_gr
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(b["attention_mask"].sum()) for b in group)
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in group)
     return {"loss_sum": summed, "supervised": n_supervised, "tokens": tokens, "grad_norm": grad_norm}
 
 
@@ -162,11 +166,9 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
     # 1. Tokenizer and data: every bad row is reported before a model is loaded.
     model_path = resolve_model(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    data = build_datasets(cfg.data, tokenizer, cfg.seed)
-    st = data.stats
-    say(f"data: {st['train']['rows']} train rows ({st['format']}, template {st['template']}), "
-        f"{len(data.train)} kept, {st['train']['dropped']} dropped and {st['train']['truncated']} truncated "
-        f"over max_length={cfg.data.max_length}; {len(data.eval)} eval examples")
+    with accelerator.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
+        data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    say(describe_data(data, cfg.data.max_length))
 
     # 2. Model: precision, attention, LoRA or full.
     model = load_model(model_path, cfg.model, plan)
@@ -186,8 +188,17 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
                                   fused=True if tc.optim == "adamw_torch_fused" else None)
     collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
-    train_loader = DataLoader(data.train, batch_size=tc.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.data.packing:
+        check_isolation(model, len(tokenizer), next(model.parameters()).device,
+                        atol=1e-3 if plan.compute_precision == "fp32" else 5e-2)
+        bins = pack([len(e.input_ids) for e in data.train], cfg.data.max_length)
+        train_set, train_collate = [[data.train[i] for i in b] for b in bins], packed_batch
+        say(f"packing: {len(data.train)} examples in {len(bins)} rows of <= {cfg.data.max_length} tokens "
+            f"({packing_efficiency([len(e.input_ids) for e in data.train], cfg.data.max_length):.1%} filled)")
+    else:
+        train_set, train_collate = data.train, collate
+    train_loader = DataLoader(train_set, batch_size=tc.per_device_train_batch_size, shuffle=True,
+                              collate_fn=train_collate, generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(data.eval, batch_size=tc.per_device_eval_batch_size, collate_fn=collate)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     micro_per_epoch = len(train_loader)
@@ -210,12 +221,14 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
         "model": {"name_or_path": cfg.model.name_or_path, "resolved": model_path},
         "method": cfg.method, "precision": plan.compute_precision, "attn_implementation": plan.attn_implementation,
         "parameters": {"trainable": trainable, "total": total},
-        "data_files": {f: sha256_file(f) for f in cfg.data.train_files + cfg.data.eval_files},
+        "data_files": data.stats["data_files"],
         "data": data.stats, "total_steps": total_steps, "git_commit": git_commit(),
     }
     main = accelerator.is_main_process
     if main:
         write_json(run_dir / "manifest.json", manifest)
+        if any(r["bad"] for r in data.stats["bad_rows"].values()):
+            write_json(run_dir / "data_report.json", data.stats["bad_rows"])
     log = MetricsLog(run_dir, "tensorboard" in tc.report_to) if main else None
 
     def checkpoint(step: int, epoch: float) -> Path | None:
@@ -282,6 +295,17 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
         _finish(run_dir, manifest, "completed", main, log, bar)
         say(f"saved {final}")
     return run_dir
+
+
+def describe_data(data, max_length: int) -> str:
+    """One paragraph: formats chosen, template, rows kept, dropped, truncated and skipped as bad."""
+    st = data.stats
+    formats = ", ".join(f"{name}: {fmt}" for name, fmt in st["formats"].items())
+    bad = st["bad_rows"]["train"]["bad"]
+    return (f"data: format {formats}; template {st['template']}; {st['train']['rows']} train rows, "
+            f"{len(data.train)} kept, {st['train']['dropped']} dropped and {st['train']['truncated']} truncated "
+            f"over max_length={max_length}" + (f", {bad} bad rows skipped (see data_report.json)" if bad else "")
+            + f"; {len(data.eval)} eval examples; tokenized data cache: {st['cache']}")
 
 
 def _log_eval(log, bar, step: int, loss: float) -> None:

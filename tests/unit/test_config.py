@@ -58,7 +58,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
     cfg = load_config(path, ["train.learning_rate=1e-4", "lora.r=16", "lora.target_modules=all-linear",
                              "data.train_file=[a.jsonl, b.jsonl]"])
     assert cfg.train.learning_rate == 1e-4 and cfg.lora.r == 16 and cfg.lora.target_modules == "all-linear"
-    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    assert [s.path for s in cfg.data.train_specs] == ["a.jsonl", "b.jsonl"]
     with pytest.raises(UserError, match="train.learnig_rate: unknown key"):
         load_config(path, ["train.learnig_rate=1"])
     with pytest.raises(UserError, match="key.path=value"):

@@ -2,63 +2,88 @@ import pytest
 
 from instructkit.config import DataConfig
 from instructkit.data.collate import pad_batch
-from instructkit.data.formats import Message, alpaca_to_conversation, to_conversations
-from instructkit.data.pipeline import build_datasets, load_conversations
-from instructkit.data.sources import read_records
+from instructkit.data.formats import Message, RowError, detect_format, rename_columns, to_messages
+from instructkit.data.pipeline import build_datasets, split_off
+from instructkit.data.sources import apply_weight, read_records, Record
 from instructkit.data.tokenize import IGNORE, Example, fit_length
 from instructkit.errors import UserError
 from tests.conftest import ROWS, write_jsonl
 
-
-def test_alpaca_row_to_conversation():
-    row = {"instruction": "Add one.", "input": "2", "output": "3", "system": "Be exact."}
-    assert alpaca_to_conversation(row) == (Message("system", "Be exact."), Message("user", "Add one.", "2"),
-                                           Message("assistant", "3"))
-    assert alpaca_to_conversation({"instruction": "x", "input": "", "output": "y"})[0].input is None
+U, A, S = "user", "assistant", "system"
 
 
-def test_bad_rows_are_reported_with_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "ok", "output": "ok"}, {"instruction": "x"},
-                                              {"instruction": 3, "output": "y"}, {"instruction": "z", "output": " "}])
-    with pytest.raises(UserError) as err:
-        to_conversations(read_records([str(path)]), "auto")
-    text = str(err.value)
-    assert "3 of 4 rows" in text
-    assert f"{path}:2: missing field 'output'" in text
-    assert f"{path}:3: field 'instruction' is a int, expected a string" in text
-    assert f"{path}:4: field 'output' is empty" in text
+@pytest.mark.parametrize("fmt,row,expected", [
+    ("alpaca", {"instruction": "Add one.", "input": "2", "output": "3", "system": "Be exact."},
+     (Message(S, "Be exact."), Message(U, "Add one.", "2"), Message(A, "3"))),
+    ("alpaca", {"instruction": "x", "input": "", "output": "y"}, (Message(U, "x"), Message(A, "y"))),
+    ("sharegpt", {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "a"},
+                                    {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"},
+                                    {"from": "gpt", "value": "d"}]},
+     (Message(S, "s"), Message(U, "a"), Message(A, "b"), Message(U, "c"), Message(A, "d"))),
+    ("messages", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     (Message(U, "a"), Message(A, "b"))),
+    ("prompt_completion", {"prompt": "p", "completion": "c"}, (Message(U, "p"), Message(A, "c"))),
+    ("text", {"text": "Once upon a time."}, (Message("text", "Once upon a time."),)),
+])
+def test_each_format_converts_exactly(fmt, row, expected):
+    assert detect_format(row, "f:1") == fmt
+    assert to_messages(row, fmt) == expected
 
 
-def test_invalid_json_line_and_bytes(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
-    with pytest.raises(UserError, match=rf"{path}:2: not valid JSON .*column"):
-        read_records([str(path)])
-    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff"}\n')
-    with pytest.raises(UserError, match=rf"{path}:2: bytes that are not UTF-8"):
-        read_records([str(path)])
+@pytest.mark.parametrize("fmt,row,reason,detail", [
+    ("alpaca", {"instruction": "x"}, "missing field", "missing field 'output'"),
+    ("alpaca", {"instruction": 3, "output": "y"}, "wrong type", "field 'instruction' is a int, expected a string"),
+    ("alpaca", {"instruction": "x", "output": "  "}, "empty field", "field 'output' is empty"),
+    ("sharegpt", {"conversations": [{"from": "bot", "value": "a"}]}, "unknown role", "conversations[0].from is 'bot'"),
+    ("messages", {"messages": [{"role": "assistant", "content": "a"}]}, "roles out of order",
+     "turn 1 is 'assistant' where 'user' was expected"),
+    ("messages", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     "roles out of order", "turn 2 is 'user' where 'assistant' was expected"),
+    ("messages", {"messages": [{"role": "user", "content": "a"}]}, "roles out of order", "does not end with an assistant"),
+    ("messages", {"messages": "hi"}, "wrong type", "must be a non-empty list"),
+])
+def test_bad_rows_name_their_reason(fmt, row, reason, detail):
+    with pytest.raises(RowError) as err:
+        to_messages(row, fmt)
+    assert err.value.reason == reason and detail in err.value.detail
 
 
-def test_json_list_file_and_unknown_format(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text('[{"instruction": "a", "output": "b"}]')
-    assert read_records([str(path)])[0].where == f"{path}#0"
-    with pytest.raises(UserError, match="cannot tell the data format"):
-        to_conversations(read_records([str(write_jsonl(tmp_path / "x.jsonl", [{"q": "a"}]))]), "auto")
+def test_columns_mapping_and_detection_error():
+    row = rename_columns({"question": "q", "answer": "a"}, {"instruction": "question", "output": "answer"})
+    assert detect_format(row, "f:1") == "alpaca"
+    with pytest.raises(UserError, match=r"f:1: cannot tell the data format from the keys \['q'\]"):
+        detect_format({"q": 1}, "f:1")
+
+
+def test_read_records_file_kinds(tmp_path):
+    (tmp_path / "d.json").write_text('[{"instruction": "a", "output": "b"}]')
+    assert read_records([str(tmp_path / "d.json")])[0].where == f"{tmp_path / 'd.json'}#0"
+    (tmp_path / "d.csv").write_text('instruction,output\n"a, with comma",b\n')
+    assert read_records([str(tmp_path / "d.csv")])[0].data == {"instruction": "a, with comma", "output": "b"}
     with pytest.raises(UserError, match="data file not found"):
         read_records([str(tmp_path / "missing.jsonl")])
-    (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(UserError, match="unsupported data file type"):
-        read_records([str(tmp_path / "d.csv")])
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(UserError, match="no file matches|unsupported data file type"):
+        read_records([str(tmp_path / "*.txt")])
 
 
-def test_val_size_split_is_deterministic_and_disjoint(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    cfg = DataConfig(train_file=str(path), val_size=0.25)
-    train, evals, _ = load_conversations(cfg, seed=3)
-    assert len(train) == 6 and len(evals) == 2
-    assert not {c.where for c in train} & {c.where for c in evals}
-    assert [c.where for c in load_conversations(cfg, seed=3)[1]] == [c.where for c in evals]
+def test_weights_sample_and_repeat_deterministically():
+    records = [Record({"i": i}, f"f:{i}") for i in range(10)]
+    half = apply_weight(records, 0.5, seed=1)
+    assert len(half) == 5 and half == apply_weight(records, 0.5, seed=1)
+    assert [r.where for r in half] == sorted((r.where for r in half), key=lambda w: int(w[2:]))
+    assert len(apply_weight(records, 2.5, seed=1)) == 25
+
+
+def test_val_size_split_is_deterministic_and_disjoint():
+    from instructkit.data.formats import Conversation
+
+    convs = [Conversation((Message(U, str(i)), Message(A, "x")), f"f:{i}") for i in range(8)]
+    train, evals = split_off(convs, 0.25, seed=3)
+    assert len(train) == 6 and len(evals) == 2 and not {c.where for c in train} & {c.where for c in evals}
+    assert [c.where for c in split_off(convs, 0.25, seed=3)[1]] == [c.where for c in evals]
+    with pytest.raises(UserError, match="leaves 8 of 8 rows"):
+        split_off(convs, 8, seed=3)
 
 
 def test_fit_length_policies():
@@ -71,12 +96,13 @@ def test_fit_length_policies():
 
 def test_overlength_counts_and_error(tmp_path, byte_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS + [{"instruction": "long " * 100, "output": "x"}])
-    data = build_datasets(DataConfig(train_file=str(path), max_length=300), byte_tokenizer, 0)
+    data = build_datasets(DataConfig(train_file=str(path), max_length=300, cache=False), byte_tokenizer, 0)
     assert len(data.train) == len(ROWS) and data.stats["train"]["dropped"] == 1
-    with pytest.raises(UserError, match=rf"{path}:9: the example is \d+ tokens, over data.max_length=300"):
-        build_datasets(DataConfig(train_file=str(path), max_length=300, overlength="error"), byte_tokenizer, 0)
-    with pytest.raises(UserError, match="all 9 train rows are longer"):
-        build_datasets(DataConfig(train_file=str(path), max_length=20), byte_tokenizer, 0)
+    with pytest.raises(UserError, match=rf"over max_length: 1 row\n    {path}:9: \d+ tokens, over data.max_length=300"):
+        build_datasets(DataConfig(train_file=str(path), max_length=300, overlength="error", cache=False),
+                       byte_tokenizer, 0)
+    with pytest.raises(UserError, match="no training examples are left: 9 valid rows, 9 dropped"):
+        build_datasets(DataConfig(train_file=str(path), max_length=20, cache=False), byte_tokenizer, 0)
 
 
 def test_pad_batch_right_and_left():

@@ -1,19 +1,21 @@
-"""Row formats -> one `Conversation`. Nothing downstream knows which format a row came from."""
+"""Row formats -> one `Conversation`. Nothing downstream knows which format a row came from.
+
+Each converter is a small pure function from a row dict to messages; it raises RowError with a
+reason category (used to group the bad-row report) and a detail.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from instructkit.data.sources import Record
 from instructkit.errors import UserError
-
-MAX_SHOWN = 5
 
 
 @dataclass(frozen=True)
 class Message:
     """One turn. `input` is the Alpaca context of a user turn, rendered as its own block where the
-    template has one and appended to the content otherwise."""
+    template has one and appended to the content otherwise. Role "text" marks plain text for
+    continued pre-training (no template, every token supervised)."""
 
     role: str
     content: str
@@ -27,71 +29,134 @@ class Conversation:
 
 
 class RowError(ValueError):
-    """A row that cannot be converted; the message is the reason."""
+    """A row that cannot be converted: `reason` groups the report, `detail` says exactly what."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
 
 
-def detect_format(records: list[Record]) -> str:
-    """The format of the rows, from the keys of the first one."""
-    keys = set(records[0].data)
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    raise UserError(
-        f"{records[0].where}: cannot tell the data format from the keys {sorted(keys)}. "
-        "Fix: alpaca rows need 'instruction' and 'output' (and optional 'input', 'system')."
-    )
-
-
-def _text(row: dict, key: str, required: bool) -> str | None:
+def _text(row: dict, key: str, required: bool, label: str | None = None) -> str | None:
     value = row.get(key)
+    name = label or f"field '{key}'"
     if value is None:
         if required:
-            raise RowError(f"missing field '{key}'")
+            raise RowError("missing field", f"missing {name}")
         return None
     if not isinstance(value, str):
-        raise RowError(f"field '{key}' is a {type(value).__name__}, expected a string")
+        raise RowError("wrong type", f"{name} is a {type(value).__name__}, expected a string")
     if required and not value.strip():
-        raise RowError(f"field '{key}' is empty")
+        raise RowError("empty field", f"{name} is empty")
     return value
 
 
-def alpaca_to_conversation(row: dict) -> tuple[Message, ...]:
-    """instruction (+ input) -> user turn, output -> assistant turn, optional system prompt."""
-    instruction = _text(row, "instruction", True)
-    context = _text(row, "input", False) or None
-    output = _text(row, "output", True)
+def _system(row: dict) -> tuple[Message, ...]:
     system = _text(row, "system", False)
-    messages = [Message("system", system)] if system else []
-    messages += [Message("user", instruction, context), Message("assistant", output)]
-    return tuple(messages)
+    return (Message("system", system),) if system else ()
 
 
-CONVERTERS = {"alpaca": alpaca_to_conversation}
+def alpaca(row: dict) -> tuple[Message, ...]:
+    """instruction (+ input) -> user turn, output -> assistant turn, optional system prompt."""
+    user = Message("user", _text(row, "instruction", True), _text(row, "input", False) or None)
+    return _system(row) + (user, Message("assistant", _text(row, "output", True)))
 
 
-def to_conversations(records: list[Record], fmt: str) -> tuple[list[Conversation], str]:
-    """Convert every row; UserError listing the bad rows (count and first examples) if any."""
-    if fmt == "auto":
-        fmt = detect_format(records)
-    convert = CONVERTERS[fmt]
-    conversations, bad = [], []
-    for record in records:
-        try:
-            conversations.append(Conversation(convert(record.data), record.where))
-        except RowError as exc:
-            bad.append(f"  {record.where}: {exc}")
-    if bad:
-        shown = "\n".join(bad[:MAX_SHOWN]) + (f"\n  ... and {len(bad) - MAX_SHOWN} more" if len(bad) > MAX_SHOWN else "")
-        raise UserError(f"{len(bad)} of {len(records)} rows are not valid {fmt} rows:\n{shown}\n"
-                        f"Fix: give every row a non-empty string 'instruction' and 'output'.")
-    return conversations, fmt
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "model": "assistant", "system": "system"}
+
+
+def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> tuple[Message, ...]:
+    turns = row.get(key)
+    if turns is None:
+        raise RowError("missing field", f"missing field '{key}'")
+    if not isinstance(turns, list) or not turns:
+        raise RowError("wrong type", f"field '{key}' must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError("wrong type", f"{key}[{i}] is a {type(turn).__name__}, expected an object")
+        role = _text(turn, role_key, True, f"{key}[{i}].{role_key}")
+        if role not in roles:
+            raise RowError("unknown role", f"{key}[{i}].{role_key} is '{role}'; expected one of {sorted(roles)}")
+        messages.append(Message(roles[role], _text(turn, text_key, True, f"{key}[{i}].{text_key}")))
+    return _system(row) + tuple(messages)
+
+
+def sharegpt(row: dict) -> tuple[Message, ...]:
+    """`conversations`: [{from: human|gpt|system, value}], the ShareGPT / Vicuna layout."""
+    return _turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
+
+
+def messages(row: dict) -> tuple[Message, ...]:
+    """`messages`: [{role: system|user|assistant, content}], the OpenAI layout, multi-turn."""
+    return _turns(row, "messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
+
+
+def prompt_completion(row: dict) -> tuple[Message, ...]:
+    return _system(row) + (Message("user", _text(row, "prompt", True)),
+                           Message("assistant", _text(row, "completion", True)))
+
+
+def text(row: dict) -> tuple[Message, ...]:
+    """Plain text for continued pre-training: every token supervised."""
+    return (Message("text", _text(row, "text", True)),)
+
+
+CONVERTERS = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": messages,
+              "prompt_completion": prompt_completion, "text": text}
+# The keys that identify a format, checked in this order.
+SIGNATURES = [("messages", {"messages"}), ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
+              ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})]
+
+
+def check_roles(msgs: tuple[Message, ...]) -> None:
+    """Optional system first, then user and assistant alternating, ending with an assistant turn."""
+    if msgs and msgs[0].role == "text":
+        return
+    body = msgs[1:] if msgs and msgs[0].role == "system" else msgs
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.role != expected:
+            raise RowError("roles out of order", f"turn {i + 1} is '{m.role}' where '{expected}' was expected "
+                           "(an optional system turn, then user and assistant alternating)")
+    if not body or body[-1].role != "assistant":
+        raise RowError("roles out of order", "the conversation does not end with an assistant turn")
+
+
+def rename_columns(row: dict, columns: dict[str, str] | None) -> dict:
+    """Map the format's field names to this data's: {instruction: question} reads row['question']."""
+    if not columns:
+        return row
+    out = dict(row)
+    for canonical, actual in columns.items():
+        if actual in row:
+            out[canonical] = row[actual]
+    return out
+
+
+def detect_format(row: dict, where: str) -> str:
+    """The format whose identifying keys the row has."""
+    for name, keys in SIGNATURES:
+        if keys <= set(row):
+            return name
+    raise UserError(
+        f"{where}: cannot tell the data format from the keys {sorted(row)}. Fix: set data.format, or use "
+        "the keys of one format (alpaca: instruction/output; sharegpt: conversations; messages: messages; "
+        "prompt_completion: prompt/completion; text: text), or map yours with data.columns."
+    )
+
+
+def to_messages(row: dict, fmt: str) -> tuple[Message, ...]:
+    """Convert and check one row; RowError when it is not valid in that format."""
+    msgs = CONVERTERS[fmt](row)
+    check_roles(msgs)
+    return msgs
 
 
 def prompt_messages(row: dict) -> tuple[Message, ...]:
     """The prompt of a row for generation: alpaca instruction (+ input, system), or a plain `prompt`."""
     if "instruction" in row:
-        system = _text(row, "system", False)
-        head = (Message("system", system),) if system else ()
-        return head + (Message("user", _text(row, "instruction", True), _text(row, "input", False) or None),)
+        return _system(row) + (Message("user", _text(row, "instruction", True), _text(row, "input", False) or None),)
     if "prompt" in row:
-        return (Message("user", _text(row, "prompt", True)),)
-    raise RowError("needs 'instruction' (with optional 'input', 'system') or 'prompt'")
+        return _system(row) + (Message("user", _text(row, "prompt", True)),)
+    raise RowError("missing field", "needs 'instruction' (with optional 'input', 'system') or 'prompt'")

@@ -1,16 +1,28 @@
-"""build_datasets: files -> records -> conversations -> segments -> examples, with counts."""
+"""build_datasets: sources -> records -> conversations -> segments -> examples, checked and cached.
+
+The cache key covers the data files' contents, the tokenizer, the template and every data setting
+that changes the result, so a second run starts at once and a changed file is never served stale.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from instructkit.config import DataConfig
-from instructkit.data.formats import Conversation, to_conversations
-from instructkit.data.sources import read_records
-from instructkit.data.templates import Template, render_segments, resolve_template
-from instructkit.data.tokenize import Example, fit_length, tokenize_segments
+from instructkit.config import DataConfig, DatasetSpec, instructkit_home
+from instructkit.data.formats import Conversation
+from instructkit.data.sources import BadRow, Resolved, apply_weight, read_resolved, resolve_source
+from instructkit.data.templates import Template, resolve_template
+from instructkit.data.tokenize import Example, fit_length, tokenize_conversations
+from instructkit.data.validate import BadRowReport, convert_records, enforce
 from instructkit.errors import UserError
+
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -21,54 +33,172 @@ class Datasets:
     stats: dict = field(default_factory=dict)
 
 
-def load_conversations(data_cfg: DataConfig, seed: int) -> tuple[list[Conversation], list[Conversation], str]:
-    """Train and eval conversations (eval from eval_file, or split off train by val_size)."""
-    train, fmt = to_conversations(read_records(data_cfg.train_files, "data.train_file"), data_cfg.format)
-    if data_cfg.eval_files:
-        evals, _ = to_conversations(read_records(data_cfg.eval_files, "data.eval_file"), data_cfg.format)
-        return train, evals, fmt
-    if data_cfg.val_size <= 0:
-        return train, [], fmt
-    n_eval = int(round(len(train) * data_cfg.val_size)) if data_cfg.val_size < 1 else int(data_cfg.val_size)
-    if not 1 <= n_eval < len(train):
-        raise UserError(f"data.val_size={data_cfg.val_size} leaves {n_eval} of {len(train)} rows for eval. "
+def resolve_sources(specs: list[DatasetSpec], key: str) -> list[Resolved]:
+    return [resolve_source(spec.path, spec.split, key) for spec in specs]
+
+
+def read_conversations(specs: list[DatasetSpec], resolved: list[Resolved], data_cfg: DataConfig, seed: int
+                       ) -> tuple[list[Conversation], BadRowReport, dict[str, str], dict[str, int]]:
+    """Valid conversations of all sources (weights applied), the bad-row report, the format per source,
+    and the number of valid rows per format."""
+    records, bad = [], []
+    for index, (spec, source) in enumerate(zip(specs, resolved)):
+        got, wrong = read_resolved(source, index)
+        records += apply_weight(got, spec.weight, seed + index)
+        bad += wrong
+    formats = [spec.format or data_cfg.format for spec in specs]
+    columns = [spec.columns if spec.columns is not None else data_cfg.columns for spec in specs]
+    conversations, wrong, chosen, per_format = convert_records(records, formats, columns)
+    report = BadRowReport(len(records) + len(bad), bad + wrong)
+    if not records and not bad:
+        raise UserError(f"no rows in {', '.join(s.path for s in specs)}. Fix: point the data at files with rows.")
+    return conversations, report, {specs[i].path: fmt for i, fmt in sorted(chosen.items())}, dict(per_format)
+
+
+def split_off(conversations: list[Conversation], val_size: float, seed: int
+              ) -> tuple[list[Conversation], list[Conversation]]:
+    """A seeded held-out split: a fraction < 1, or a row count >= 1."""
+    n_eval = int(round(len(conversations) * val_size)) if val_size < 1 else int(val_size)
+    if not 1 <= n_eval < len(conversations):
+        raise UserError(f"data.val_size={val_size} leaves {n_eval} of {len(conversations)} rows for eval. "
                         "Fix: choose a size that keeps at least one row on each side.")
-    order = list(range(len(train)))
+    order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return [c for i, c in enumerate(train) if i not in held], [train[i] for i in sorted(held)], fmt
+    return ([c for i, c in enumerate(conversations) if i not in held], [conversations[i] for i in sorted(held)])
 
 
-def tokenize_all(conversations: list[Conversation], tokenizer, template: Template, data_cfg: DataConfig,
-                 split: str) -> tuple[list[Example], dict]:
-    """Tokenize with masks and apply the over-length policy; counts of what was dropped or cut."""
+def to_examples(conversations: list[Conversation], tokenizer, template: Template, data_cfg: DataConfig
+                ) -> tuple[list[Example], list[BadRow], dict]:
+    """Tokenize with masks and apply the over-length policy; over-length rows are bad rows under `error`."""
     eot_id = tokenizer.convert_tokens_to_ids(template.eot_token)
-    examples, dropped, truncated = [], [], 0
-    for conv in conversations:
-        segments = render_segments(template, tokenizer, conv.messages)
-        ids, labels = tokenize_segments(segments, tokenizer, data_cfg.train_on_inputs)
-        fitted = fit_length(ids, labels, data_cfg.max_length, data_cfg.overlength, eot_id)
+    pairs = tokenize_conversations(conversations, tokenizer, template, data_cfg.train_on_inputs,
+                                   data_cfg.train_on_turns, data_cfg.num_proc)
+    examples, bad, dropped, truncated = [], [], [], 0
+    for conv, (ids, labels) in zip(conversations, pairs):
         if len(ids) > data_cfg.max_length and data_cfg.overlength == "error":
-            raise UserError(f"{conv.where}: the example is {len(ids)} tokens, over data.max_length="
-                            f"{data_cfg.max_length}. Fix: raise data.max_length, or set data.overlength "
-                            "to drop or truncate.")
+            bad.append(BadRow(conv.where, "over max_length", f"{len(ids)} tokens, over data.max_length="
+                              f"{data_cfg.max_length} (raise it, or set data.overlength to drop or truncate)"))
+            continue
+        fitted = fit_length(ids, labels, data_cfg.max_length, data_cfg.overlength, eot_id)
         if fitted is None:
             dropped.append(conv.where)
             continue
         truncated += len(ids) > data_cfg.max_length
         examples.append(Example(fitted[0], fitted[1], conv.where))
-    if not examples:
-        raise UserError(f"all {len(conversations)} {split} rows are longer than data.max_length="
-                        f"{data_cfg.max_length} tokens. Fix: raise data.max_length or shorten the rows.")
-    return examples, {"rows": len(conversations), "dropped": len(dropped), "truncated": truncated,
-                      "dropped_examples": dropped[:5]}
+    return examples, bad, {"rows": len(conversations), "kept": len(examples), "dropped": len(dropped),
+                           "truncated": truncated, "dropped_examples": dropped[:5]}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.special_tokens_map, tokenizer.chat_template], sort_keys=True, default=str)
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def cache_key(resolved: list[Resolved], tokenizer, template: Template, data_cfg: DataConfig, seed: int) -> str:
+    settings = data_cfg.model_dump(mode="json", exclude={"num_proc", "cache", "packing"})
+    parts = [CACHE_FORMAT, [r.fingerprint for r in resolved], tokenizer_fingerprint(tokenizer),
+             template.source, template.eot_token, settings, seed]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _save_examples(path: Path, examples: list[Example]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64)
+    save_file({"input_ids": torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.int64),
+               "labels": torch.tensor([t for e in examples for t in e.labels], dtype=torch.int64),
+               "lengths": lengths}, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps([e.where for e in examples]))
+
+
+def _load_examples(path: Path) -> list[Example]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    where = json.loads(path.with_suffix(".json").read_text())
+    ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
+    out, start = [], 0
+    for n, w in zip(tensors["lengths"].tolist(), where):
+        out.append(Example(ids[start:start + n], labels[start:start + n], w))
+        start += n
+    return out
+
+
+def save_cache(directory: Path, data: Datasets) -> None:
+    """Written beside, then renamed: a reader never sees a half-written cache entry."""
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_examples(tmp / "train", data.train)
+    _save_examples(tmp / "eval", data.eval)
+    (tmp / "stats.json").write_text(json.dumps(data.stats))
+    if directory.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
+def load_cache(directory: Path, template: Template) -> Datasets | None:
+    if not (directory / "stats.json").is_file():
+        return None
+    stats = json.loads((directory / "stats.json").read_text())
+    return Datasets(_load_examples(directory / "train"), _load_examples(directory / "eval"), template,
+                    {**stats, "cache": "hit"})
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer, seed: int) -> Datasets:
-    """The tokenized train and eval sets and the template that rendered them."""
-    train_conv, eval_conv, fmt = load_conversations(data_cfg, seed)
+    """The tokenized train and eval sets, the template that rendered them, and what happened to each row."""
+    train_specs, eval_specs = data_cfg.train_specs, data_cfg.eval_specs
+    train_src = resolve_sources(train_specs, "data.train_file")
+    eval_src = resolve_sources(eval_specs, "data.eval_file")
     template = resolve_template(data_cfg.template, tokenizer)
-    train, train_stats = tokenize_all(train_conv, tokenizer, template, data_cfg, "train")
-    evals, eval_stats = tokenize_all(eval_conv, tokenizer, template, data_cfg, "eval") if eval_conv else ([], {})
-    return Datasets(train, evals, template, {"format": fmt, "template": template.name,
-                                             "train": train_stats, "eval": eval_stats})
+    cache_dir = instructkit_home() / "data-cache" / cache_key(train_src + eval_src, tokenizer, template, data_cfg, seed)
+    if data_cfg.cache and (cached := load_cache(cache_dir, template)) is not None:
+        return cached
+
+    train_conv, train_report, formats, format_counts = read_conversations(train_specs, train_src, data_cfg, seed)
+    enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
+    eval_conv, eval_report = [], BadRowReport()
+    if eval_specs:
+        eval_conv, eval_report, eval_formats, _ = read_conversations(eval_specs, eval_src, data_cfg, seed)
+        formats.update(eval_formats)
+        enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
+    elif data_cfg.val_size > 0:
+        train_conv, eval_conv = split_off(train_conv, data_cfg.val_size, seed)
+
+    train, bad, train_stats = to_examples(train_conv, tokenizer, template, data_cfg)
+    train_report.bad += bad
+    enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
+    evals, bad, eval_stats = to_examples(eval_conv, tokenizer, template, data_cfg) if eval_conv else ([], [], {})
+    eval_report.bad += bad
+    enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
+    if not train:
+        raise UserError(f"no training examples are left: {train_stats['rows']} valid rows, "
+                        f"{train_stats['dropped']} dropped as longer than data.max_length={data_cfg.max_length} "
+                        f"tokens, {len(train_report.bad)} bad. Fix: raise data.max_length or check the data.")
+    hashes = {k: v for r in train_src + eval_src for k, v in r.file_hashes.items()}
+    stats = {"formats": formats, "format_counts": format_counts, "template": template.name, "data_files": hashes, "train": train_stats, "eval": eval_stats,
+             "bad_rows": {"train": train_report.to_json(), "eval": eval_report.to_json()},
+             "cache": "miss" if data_cfg.cache else "off"}
+    data = Datasets(train, evals, template, stats)
+    if data_cfg.cache:
+        save_cache(cache_dir, data)
+    return data
+
+
+def check_rows(data_cfg: DataConfig, seed: int) -> str:
+    """Read and check every row without a tokenizer (for `validate`); a one-line summary, or UserError."""
+    parts = []
+    for split, specs, key in (("train", data_cfg.train_specs, "data.train_file"),
+                              ("eval", data_cfg.eval_specs, "data.eval_file")):
+        if not specs:
+            continue
+        conversations, report, formats, _ = read_conversations(specs, resolve_sources(specs, key), data_cfg, seed)
+        enforce(report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, split)
+        skipped = f", {len(report.bad)} bad rows to skip" if report.bad else ""
+        parts.append(f"{len(conversations)} {split} rows{skipped} ({', '.join(f'{k}: {v}' for k, v in formats.items())})")
+    return "; ".join(parts)

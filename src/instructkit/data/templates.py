@@ -48,10 +48,28 @@ CHATML = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+LLAMA3 = (
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+# The least markup that still separates turns: a system line, the user text, a newline, the answer + EOS.
+PLAIN = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+    "{%- else -%}{%- if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' -%}"
+    "{{- '\\n' -}}{%- endif -%}{{- message['content'] + '\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 # name -> (jinja source, end-of-turn token or None for the tokenizer's EOS, renders `input` itself)
 BUILTINS: dict[str, tuple[str, str | None, bool]] = {
     "alpaca": (ALPACA, None, True),
     "chatml": (CHATML, "<|im_end|>", False),
+    "llama3": (LLAMA3, "<|eot_id|>", False),
+    "plain": (PLAIN, None, False),
 }
 
 
@@ -95,7 +113,7 @@ def _detect_eot(tokenizer, source: str) -> str:
     found = sorted((tail.find(t), t) for t in specials if t in tail)
     if not found:
         raise UserError("the tokenizer's chat template does not end an assistant turn with a special token, so "
-                        "the model could not learn to stop. Fix: set data.template to alpaca or chatml.")
+                        "the model could not learn to stop. Fix: set data.template to a builtin (alpaca, chatml, llama3 or plain).")
     return found[0][1]
 
 
@@ -135,16 +153,28 @@ def render(template: Template, tokenizer, messages, add_generation_prompt: bool)
 def _prefix_error(template: Template) -> UserError:
     return UserError(f"the {template.name} template renders an earlier part of a conversation differently once "
                      "later turns are added, so prompt and response cannot be split exactly. "
-                     "Fix: set data.template to a builtin (alpaca or chatml).")
+                     "Fix: set data.template to a builtin (alpaca, chatml, llama3 or plain).")
 
 
-def render_segments(template: Template, tokenizer, messages, add_generation_prompt: bool = False
-                    ) -> list[tuple[str, bool]]:
+def _text_segments(tokenizer, content: str) -> list[tuple[str, bool]]:
+    """Plain text (continued pre-training): BOS when the tokenizer uses one, then text + EOS, all supervised."""
+    if tokenizer.eos_token is None:
+        raise UserError("plain-text rows end with the EOS token, but the tokenizer has none. "
+                        "Fix: use a tokenizer with an EOS token.")
+    bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
+    return [(text, supervised) for text, supervised in ((bos, False), (content + tokenizer.eos_token, True)) if text]
+
+
+def render_segments(template: Template, tokenizer, messages, add_generation_prompt: bool = False,
+                    turns: str = "all") -> list[tuple[str, bool]]:
     """(text, supervised) pieces whose concatenation is the rendered conversation.
 
-    Each assistant turn is supervised up to and including its end-of-turn token; whatever the
-    template puts after that token (a newline) and every other turn is not.
+    Each assistant turn (only the last one with turns="last") is supervised up to and including its
+    end-of-turn token; whatever the template puts after that token (a newline) and every other turn is not.
     """
+    if messages and messages[0].role == "text":
+        return _text_segments(tokenizer, messages[0].content)
+    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
@@ -158,9 +188,10 @@ def render_segments(template: Template, tokenizer, messages, add_generation_prom
         end = response.rfind(template.eot_token)
         if end < 0:
             raise UserError(f"the {template.name} template does not close an assistant turn with "
-                            f"{template.eot_token}. Fix: set data.template to alpaca or chatml.")
+                            f"{template.eot_token}. Fix: set data.template to a builtin (alpaca, chatml, llama3 or plain).")
         end += len(template.eot_token)
-        segments += [(prompt[len(done):], False), (response[:end], True), (response[end:], False)]
+        supervised = turns == "all" or i == last
+        segments += [(prompt[len(done):], False), (response[:end], supervised), (response[end:], False)]
         done = full
     if add_generation_prompt or not messages or messages[-1].role != "assistant":
         rest = render(template, tokenizer, messages, add_generation_prompt=add_generation_prompt)

@@ -2,14 +2,18 @@
 
 Each rendered segment is tokenized on its own and the pieces are concatenated, so the prompt tokens
 of an example are exactly the tokens `generate` builds for the same prompt, and a label is never
-derived by subtracting a prompt length.
+derived by subtracting a prompt length. Segments of many rows go to the tokenizer in one batched
+call; `num_proc` > 1 spreads chunks of rows over processes.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 IGNORE = -100
+CHUNK = 512  # rows per batched tokenizer call / per task of a worker process
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,44 @@ class Example:
 def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, train_on_inputs: bool = False
                       ) -> tuple[list[int], list[int]]:
     """Token ids of the concatenated segments, and labels: ids where supervised, IGNORE elsewhere."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, supervised in segments:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        input_ids += ids
-        labels += ids if (supervised or train_on_inputs) else [IGNORE] * len(ids)
-    return input_ids, labels
+    return tokenize_many([segments], tokenizer, train_on_inputs)[0]
+
+
+def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer, train_on_inputs: bool = False
+                  ) -> list[tuple[list[int], list[int]]]:
+    """`tokenize_segments` for many rows with one batched tokenizer call."""
+    texts = [text for segments in rows for text, _ in segments]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for segments in rows:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for _, supervised in segments:
+            ids = next(encoded)
+            input_ids += ids
+            labels += ids if (supervised or train_on_inputs) else [IGNORE] * len(ids)
+        out.append((input_ids, labels))
+    return out
+
+
+def _render_and_tokenize(args) -> list[tuple[list[int], list[int]]]:
+    from instructkit.data.templates import render_segments
+
+    conversations, tokenizer, template, train_on_inputs, turns = args
+    rows = [render_segments(template, tokenizer, c.messages, turns=turns) for c in conversations]
+    return tokenize_many(rows, tokenizer, train_on_inputs)
+
+
+def tokenize_conversations(conversations: list, tokenizer, template, train_on_inputs: bool, turns: str,
+                           num_proc: int = 1) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) for every conversation, in order."""
+    chunks = [(conversations[i:i + CHUNK], tokenizer, template, train_on_inputs, turns)
+              for i in range(0, len(conversations), CHUNK)]
+    if num_proc <= 1 or len(chunks) <= 1:
+        return [pair for chunk in chunks for pair in _render_and_tokenize(chunk)]
+    # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked.
+    with ProcessPoolExecutor(max_workers=num_proc, mp_context=get_context("spawn")) as pool:
+        return [pair for part in pool.map(_render_and_tokenize, chunks) for pair in part]
 
 
 def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlength: str, eot_id: int

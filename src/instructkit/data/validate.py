@@ -1,0 +1,79 @@
+"""Row checks and the bad-row report: counts per reason, up to five `file:line: detail` each.
+
+`on_bad_row: error` stops before training with the whole report; `skip` trains on the rest (the
+report is kept in the run directory) unless more than `max_bad_fraction` of the rows are bad.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from instructkit.data.formats import Conversation, RowError, detect_format, rename_columns, to_messages
+from instructkit.data.sources import BadRow, Record
+from instructkit.errors import UserError
+
+SHOWN_PER_REASON = 5
+
+
+@dataclass
+class BadRowReport:
+    rows: int = 0
+    bad: list[BadRow] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(b.reason for b in self.bad).most_common())
+
+    def format(self) -> str:
+        lines = []
+        for reason, count in self.counts().items():
+            lines.append(f"  {reason}: {count} row{'s' if count > 1 else ''}")
+            shown = [b for b in self.bad if b.reason == reason][:SHOWN_PER_REASON]
+            lines += [f"    {b.where}: {b.detail}" for b in shown]
+            if count > len(shown):
+                lines.append(f"    ... and {count - len(shown)} more")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "bad": len(self.bad), "counts": self.counts(),
+                "examples": [{"where": b.where, "reason": b.reason, "detail": b.detail} for b in self.bad[:200]]}
+
+
+def convert_records(records: list[Record], formats: list[str], columns: list[dict | None]
+                    ) -> tuple[list[Conversation], list[BadRow], dict[int, str]]:
+    """Conversations of the valid rows, the bad rows, and the format used per source index.
+
+    `formats[i]` / `columns[i]` belong to source i; an `auto` format is detected from that source's
+    first row.
+    """
+    chosen: dict[int, str] = {}
+    conversations, bad, per_format = [], [], Counter()
+    for record in records:
+        row = rename_columns(record.data, columns[record.source])
+        fmt = chosen.get(record.source)
+        if fmt is None:
+            fmt = chosen[record.source] = (detect_format(row, record.where) if formats[record.source] == "auto"
+                                           else formats[record.source])
+        try:
+            conversations.append(Conversation(to_messages(row, fmt), record.where))
+            per_format[fmt] += 1
+        except RowError as exc:
+            bad.append(BadRow(record.where, exc.reason, exc.detail))
+    return conversations, bad, chosen, per_format
+
+
+def enforce(report: BadRowReport, on_bad_row: str, max_bad_fraction: float, split: str) -> None:
+    """Raise UserError with the whole report when the policy says to stop."""
+    if not report.bad:
+        return
+    share = len(report.bad) / max(report.rows, 1)
+    if on_bad_row == "error":
+        why, fix = "", ("fix those rows, or set data.on_bad_row: skip to train on the rest "
+                        "(the report is kept in the run directory)")
+    elif share > max_bad_fraction:
+        why, fix = (f", over data.max_bad_fraction={max_bad_fraction}",
+                    "check data.format and data.columns, which often explain many bad rows at once")
+    else:
+        return
+    raise UserError(f"{len(report.bad)} of {report.rows} {split} rows are bad ({share:.1%}{why}):\n"
+                    f"{report.format()}\nFix: {fix}.")
