@@ -35,3 +35,24 @@ def test_smollm2_trains_a_few_steps_and_generates(tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", "Classify the sentiment of the review as positive or negative.",
                  "--input", "This kettle works perfectly.", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_smollm2_own_template_round_trips():
+    from instructkit.data.formats import Message
+    from instructkit.data.templates import render, render_segments, resolve_template
+    from instructkit.data.tokenize import IGNORE, tokenize_segments
+    from instructkit.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model("smollm2-135m-instruct"))
+    tpl = resolve_template("auto", tok)
+    assert tpl.name == "tokenizer" and tpl.eot_token == "<|im_end|>"
+    conv = (Message("user", "Hi there"), Message("assistant", "Hello!"), Message("user", "Bye"), Message("assistant", "Bye."))
+    segments = render_segments(tpl, tok, conv)
+    assert "".join(text for text, _ in segments) == render(tpl, tok, conv, False)
+    ids, labels = tokenize_segments(segments, tok)
+    assert ids == tok(render(tpl, tok, conv, False), add_special_tokens=False).input_ids  # segment-wise == whole
+    assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE]) == "Hello!<|im_end|>Bye.<|im_end|>"
+    prompt, _ = tokenize_segments(render_segments(tpl, tok, conv[:3], add_generation_prompt=True), tok)
+    answer_starts = [i for i, l in enumerate(labels) if l != IGNORE and labels[i - 1] == IGNORE]
+    assert len(answer_starts) == 2
+    assert ids[:answer_starts[1]] == prompt  # the inference prompt is exactly the training prefix

@@ -100,3 +100,32 @@ def test_template_that_rewrites_history_is_refused(byte_tokenizer):
     tpl = resolve_template("auto", tok)
     with pytest.raises(UserError, match="cannot be split exactly"):
         render_segments(tpl, tok, (Message("user", "a"), Message("assistant", "b")))
+
+
+def test_llama3_round_trip():
+    tok = make_byte_tokenizer(("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    tpl = resolve_template("llama3", tok)
+    segments = render_segments(tpl, tok, NO_INPUT)
+    assert segments == [("<|start_header_id|>user<|end_header_id|>\n\nSay yes.<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n", False), ("yes<|eot_id|>", True)]
+    assert render_segments(tpl, tok, NO_INPUT[:1], True) == segments[:1]
+
+
+def test_plain_template_exact():
+    tpl = resolve_template("plain", make_byte_tokenizer())
+    conv = (Message("user", "a"), Message("assistant", "b"), Message("user", "c"), Message("assistant", "d"))
+    assert render_segments(tpl, make_byte_tokenizer(), conv) == [("a\n", False), ("b</s>", True), ("\nc\n", False),
+                                                                 ("d</s>", True)]
+
+
+def test_train_on_turns_last_supervises_only_the_final_answer(byte_tokenizer):
+    tpl = resolve_template("chatml", byte_tokenizer)
+    conv = (Message("user", "a"), Message("assistant", "b"), Message("user", "c"), Message("assistant", "d"))
+    ids, labels = tokenize_segments(render_segments(tpl, byte_tokenizer, conv, turns="last"), byte_tokenizer)
+    assert byte_tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE]) == "d<|im_end|>"
+
+
+def test_plain_text_rows_supervise_every_token(byte_tokenizer):
+    tpl = resolve_template("alpaca", byte_tokenizer)  # not used for text rows
+    segments = render_segments(tpl, byte_tokenizer, (Message("text", "Once."),))
+    assert segments == [("Once.</s>", True)]

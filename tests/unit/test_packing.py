@@ -1,0 +1,89 @@
+import random
+
+import pytest
+import torch
+
+from instructkit.data.collate import pad_batch
+from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
+from instructkit.data.tokenize import IGNORE, Example
+from instructkit.errors import UserError
+from instructkit.train import count_supervised, loss_sum
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packs_fit_and_keep_every_example_once(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 64) for _ in range(rng.randint(1, 300))]
+    bins = pack(lengths, 64)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
+    assert len(bins) <= 2 * sum(lengths) / 64 + 1  # never worse than twice the ideal
+
+
+def test_best_fit_decreasing_on_a_known_case():
+    assert sorted(sorted(b) for b in pack([5, 4, 3, 3, 2, 1], 8)) == [[0, 2], [1, 3, 5], [4]]
+    assert packing_efficiency([5, 4, 3, 3, 2, 1], 8) == 18 / 24
+    with pytest.raises(ValueError):
+        pack([9], 8)
+
+
+def test_packed_batch_restarts_positions_and_masks_first_labels():
+    batch = packed_batch([[Example([1, 2, 3], [IGNORE, 2, 3])], [Example([4, 5], [4, 5])]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, 5]]  # 3 is never trained to predict 4
+    assert "attention_mask" not in batch
+
+
+def _model(tiny_model_dir, attn="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def _examples():
+    rng = random.Random(0)
+    out = []
+    for n in (9, 5, 12, 3):
+        ids = [rng.randrange(256) for _ in range(n)]
+        out.append(Example(ids, [IGNORE] * (n // 2) + ids[n // 2:]))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_each_example_alone(tiny_model_dir, attn):
+    model, examples = _model(tiny_model_dir, attn), _examples()
+    with torch.no_grad():
+        batch = packed_batch([examples[:2], examples[2:]])
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for e in examples:
+            alone = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+            assert torch.allclose(packed[start:start + len(e.input_ids)], alone, atol=1e-4)
+            start += len(e.input_ids)
+
+
+def test_packed_loss_equals_padded_loss(tiny_model_dir):
+    model, examples = _model(tiny_model_dir), _examples()
+    packed, padded = packed_batch([examples]), pad_batch(examples, pad_id=0)
+    assert count_supervised(packed) == count_supervised(padded)
+    with torch.no_grad():
+        a = loss_sum(model, packed) / count_supervised(packed)
+        b = loss_sum(model, padded) / count_supervised(padded)
+    assert a.item() == pytest.approx(b.item(), abs=1e-5)
+
+
+def test_isolation_probe_passes_and_refuses_a_leaking_model(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    check_isolation(model, 256, "cpu", atol=1e-4)
+
+    class Leaky(torch.nn.Module):  # an all-ones attention mask: packed examples see each other
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **kwargs):
+            return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+
+    with pytest.raises(UserError, match="packed examples attend to each other"):
+        check_isolation(Leaky(model), 256, "cpu", atol=1e-4)
