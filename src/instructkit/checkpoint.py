@@ -1,25 +1,33 @@
 """Checkpoints: `checkpoints/step-NNNNNN/` written beside, renamed into place, COMPLETE marker last.
 
-Weights go through `save_pretrained` (safetensors: the adapter for LoRA, the model otherwise);
-optimizer tensors go to safetensors and everything else to JSON, so nothing is ever unpickled.
+A checkpoint holds everything that decides the rest of the run: the trainable weights (the adapter,
+or the whole model), optimizer and scheduler state, the RNG states (python, numpy, torch CPU and
+CUDA) and the data position. Tensors are safetensors and everything else JSON, so loading a
+checkpoint never unpickles anything.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+from instructkit.errors import user_error
+
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
+FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.json",
+         "rng.safetensors", "state.json")
 
 
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:06d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
             with open(file, "rb") as handle:
@@ -48,42 +56,146 @@ def optimizer_from_files(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def rng_to_files() -> tuple[dict, dict]:
+    """Every RNG whose state decides what comes next: python, numpy, torch CPU and each CUDA device."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict, meta: dict) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def trainable_state(model) -> dict:
+    """The parameters that training changes (shared/tied ones once), detached on CPU."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, run_state: dict,
                     keep: int | None) -> Path:
-    """Write one complete checkpoint atomically, then prune old ones (never the newest complete)."""
+    """Write one complete checkpoint atomically, then prune old ones (never the newest complete).
+
+    A full disk or an unwritable directory leaves every earlier checkpoint as it was and raises a
+    UserError that says so."""
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
-    final = root / step_dir_name(step)
-    tmp = root / f".{step_dir_name(step)}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tensors, meta = optimizer_to_files(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=lambda o: None))
-    (tmp / "state.json").write_text(json.dumps(run_state, indent=2))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    marker = final / COMPLETE
-    with open(marker, "w") as handle:  # written last: a checkpoint without it is incomplete
-        handle.write(str(step))
-        handle.flush()
-        os.fsync(handle.fileno())
+    final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        tensors, meta = optimizer_to_files(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=lambda o: None))
+        rng_tensors, rng_meta = rng_to_files()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / "rng.json").write_text(json.dumps(rng_meta))
+        (tmp / "state.json").write_text(json.dumps(run_state, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        with open(final / COMPLETE, "w") as handle:  # written last: a checkpoint without it is incomplete
+            handle.write(str(step))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise user_error(f"cannot write the checkpoint of step {step} in {root} "
+                         f"({'the disk is full' if full else exc.strerror or exc}); earlier checkpoints are intact",
+                         "output_dir", "free space or choose an output_dir on another disk, then run the same "
+                         "command again to resume") from exc
     if keep is not None:
         prune_checkpoints(root, keep)
     return final
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
+    """Checkpoint directories with a COMPLETE marker, oldest first."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint cannot be loaded, or None when every file is there and readable."""
+    from safetensors import safe_open
+
+    if not (path / COMPLETE).is_file():
+        return "it has no COMPLETE marker (it was being written when the run stopped)"
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(str(file), "pt") as handle:
+                    for key in handle.keys():
+                        handle.get_tensor(key)
+            else:
+                json.loads(file.read_text())
+        except Exception as exc:  # noqa: BLE001 - any failure to read means "corrupted"
+            return f"{name} is unreadable ({type(exc).__name__})"
+    return None
+
+
+def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and a warning for each newer one that was skipped."""
+    warnings = []
+    if root.is_dir():
+        warnings += [f"ignoring {p.name}: it has no COMPLETE marker" for p in sorted(root.iterdir())
+                     if p.name.startswith((PREFIX, f".{PREFIX}")) and not (p / COMPLETE).is_file()]
+    for path in reversed(complete_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, warnings
+        warnings.append(f"ignoring {path.name}: {problem}")
+    return None, warnings
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; returns its run state."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or set(weights) - set(params):
+        raise user_error(f"the checkpoint {path} does not match this model (missing {missing[:3]}, unexpected "
+                         f"{sorted(set(weights) - set(params))[:3]})", "train.resume",
+                         "resume with the model and method the checkpoint was trained with")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
+                                                   json.loads((path / "optimizer.json").read_text())))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    restore_rng(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
+    return json.loads((path / "state.json").read_text())
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -22,7 +22,8 @@ def _cmd_train(args) -> int:
     from instructkit.config import load_config
     from instructkit.train import train
 
-    run_dir = train(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    run_dir = train(load_config(args.config, args.overrides), overwrite=args.overwrite,
+                    allow_config_change=args.allow_config_change)
     print(f"run directory: {run_dir}")
     return EXIT_OK
 
@@ -31,20 +32,22 @@ def _cmd_validate(args) -> int:
     from instructkit.config import load_config
     from instructkit.data.pipeline import check_rows
     from instructkit.models import check_runtime, locate_model
-    from instructkit.rundir import check_run_dir
+    from instructkit.rundir import plan_run_dir
 
     cfg = load_config(args.config, args.overrides)
-    where = locate_model(cfg.model.name_or_path)
+    where = locate_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     check_runtime(cfg.model)
     summary = check_rows(cfg.data, cfg.seed)
     print(f"config OK: {args.config}")
     print(f"  model: {where}; method {cfg.method}")
     print(f"  data: {summary}")
     try:
-        check_run_dir(cfg, overwrite=False)
-        print(f"  output_dir: {cfg.output_dir}")
+        plan = plan_run_dir(cfg, overwrite=False)
+        what = {"new": "a new run", "restart": "starts over (no complete checkpoint)",
+                "resume": f"resumes from {plan.checkpoint}"}[plan.action]
+        print(f"  output_dir: {cfg.output_dir}: train {what}")
     except UserError as exc:
-        print(f"  note: {exc}")
+        print(f"  note: train would refuse: {exc}")
     return EXIT_OK
 
 
@@ -125,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.learning_rate=1e-4")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though result-changing config keys differ from the checkpoint's run")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a config, its data files and its model without training")

@@ -39,6 +39,10 @@ class ModelConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     trust_remote_code: bool = Field(False, description="allow model code from the model's repository")
     load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (needs CUDA and bitsandbytes)")
+    revision: Union[str, None] = Field(
+        None, description="hub revision; with trust_remote_code a hub model needs a 40-hex commit hash here")
+    allow_pickle: bool = Field(
+        False, description="allow .bin/.pt weights, which are unpickled (code can run); default safetensors only")
 
 
 class LoraConfig(_Strict):
@@ -134,6 +138,12 @@ class TrainConfig(_Strict):
     report_to: list[Literal["tensorboard"]] = Field(
         default_factory=lambda: ["tensorboard"], description="extra metric sinks; [] for none"
     )
+    resume: Union[Literal["auto"], Literal[False], str] = Field(
+        "auto", description="auto: continue from the newest complete checkpoint in output_dir; "
+        "false: never reuse a non-empty output_dir; or a checkpoint directory to resume from")
+    dataloader_num_workers: int = Field(0, ge=0, description="worker processes that build batches")
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms and CUBLAS_WORKSPACE_CONFIG (slower on GPU)")
 
 
 class RunConfig(_Strict):

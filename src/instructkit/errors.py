@@ -28,3 +28,14 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path | None):
         super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint: {checkpoint}")
         self.signum, self.checkpoint = signum, checkpoint
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; nothing is saved over the good checkpoints."""
+
+    def __init__(self, step: int, loss: float, lr: float, precision: str):
+        hint = " or use bf16/fp32 instead of fp16" if precision == "fp16" else ""
+        super().__init__(f"the loss is {loss} at step {step}, so training stopped; the checkpoints already written "
+                         f"are intact. Fix: lower train.learning_rate (now {lr:.2e}){hint}, check "
+                         "train.max_grad_norm, then resume from the last checkpoint or start over.")
+        self.step = step

@@ -9,14 +9,18 @@ from pathlib import Path
 class MetricsLog:
     """Append one JSON object per call to metrics.jsonl and mirror numbers to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None:  # drop what the interrupted run logged after its checkpoint
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), **purge)
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -48,7 +48,20 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def locate_model(name: str) -> str:
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _check_safe_weights(path: Path, allow_pickle: bool) -> None:
+    if allow_pickle or any(path.glob("*.safetensors")):
+        return
+    pickled = [p.name for pattern in PICKLED for p in path.glob(pattern)]
+    if pickled:
+        raise user_error(f"the model in {path} has only pickled weights ({', '.join(sorted(pickled)[:3])}), and "
+                         "loading them can run code from the file", "model.name_or_path",
+                         "convert them to safetensors, or set model.allow_pickle: true if you trust the source")
+
+
+def locate_model(name: str, allow_pickle: bool = False) -> str:
     """Say where `name` will be loaded from, without loading or converting; UserError if nowhere."""
     if name == SMOLLM2_ALIAS:
         if (instructkit_home() / "models" / SMOLLM2_ALIAS / "config.json").is_file():
@@ -68,6 +81,7 @@ def locate_model(name: str) -> str:
                 "model.name_or_path",
                 "point it at a directory written by save_pretrained, or use a hub id",
             )
+        _check_safe_weights(path, allow_pickle)
         return f"local directory {path.resolve()}"
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         if _hub_cached(name):
@@ -86,9 +100,9 @@ def locate_model(name: str) -> str:
     )
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, allow_pickle: bool = False) -> str:
     """A path or hub id that `from_pretrained` can load; converts the builtin model on first use."""
-    locate_model(name)
+    locate_model(name, allow_pickle)
     if name != SMOLLM2_ALIAS:
         path = Path(name).expanduser()
         return str(path.resolve()) if path.is_dir() else name
@@ -158,6 +172,11 @@ def check_runtime(model_cfg: "ModelConfig") -> None:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise user_error("model.load_in_4bit (QLoRA) needs bitsandbytes, which is not installed",
                              "model.load_in_4bit", "pip install 'instructkit[gpu]'")
+    if model_cfg.trust_remote_code and not Path(model_cfg.name_or_path).expanduser().is_dir() \
+            and not re.fullmatch(r"[0-9a-f]{40}", model_cfg.revision or ""):
+        raise user_error("trust_remote_code runs code from the model's hub repository, which can change under "
+                         "the same name", "model.revision", "pin model.revision to a 40-hex commit hash of "
+                         "the repository you reviewed")
     if model_cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise user_error("attn_implementation flash_attention_2 needs the flash-attn package",
                          "model.attn_implementation", "install flash-attn, or use auto or sdpa")
@@ -166,16 +185,19 @@ def check_runtime(model_cfg: "ModelConfig") -> None:
                          "model.precision", "use auto, fp32 or bf16 on CPU")
 
 
-def _hub_kwargs(trust_remote_code: bool) -> dict[str, Any]:
-    return {"token": os.environ.get("HF_TOKEN") or None, "trust_remote_code": trust_remote_code}
+def _hub_kwargs(trust_remote_code: bool, revision: str | None = None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"token": os.environ.get("HF_TOKEN") or None, "trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    return kwargs
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
     """The model's tokenizer, with a pad token (the EOS) when it has none; pads are never supervised."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(trust_remote_code))
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(trust_remote_code, revision))
     except (OSError, ValueError) as exc:
         raise user_error(f"cannot load a tokenizer from {path} ({exc})", "model.name_or_path",
                          "check that the model directory or hub id has tokenizer files") from exc
@@ -207,7 +229,8 @@ def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: 
 
     kwargs: dict[str, Any] = dict(dtype=getattr(torch, plan.weights_dtype),
                                   attn_implementation=plan.attn_implementation,
-                                  **_hub_kwargs(model_cfg.trust_remote_code))
+                                  use_safetensors=None if model_cfg.allow_pickle else True,
+                                  **_hub_kwargs(model_cfg.trust_remote_code, model_cfg.revision))
     if device_map is not None:
         kwargs["device_map"] = device_map
     if model_cfg.load_in_4bit:
@@ -221,7 +244,8 @@ def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: 
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise user_error(f"cannot load the model from {path} ({exc})", "model.name_or_path",
-                         "check the model directory or hub id, and model.attn_implementation") from exc
+                         "check the model directory or hub id and model.attn_implementation; a model with "
+                         "only .bin weights needs model.allow_pickle: true") from exc
 
 
 def apply_lora(model, lora_cfg: "LoraConfig", gradient_checkpointing: bool = False, quantized: bool = False):

@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from instructkit.checkpoint import find_resumable, verify_checkpoint
 from instructkit.config import RunConfig, dump_config
 from instructkit.errors import user_error
 
@@ -33,31 +35,87 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
-    """Refuse an output directory that holds something else; writes nothing."""
-    run_dir = Path(cfg.output_dir)
+# Keys that change how a run is observed or stored, not what it computes: a resumed run may change them.
+RESULT_NEUTRAL = {"run_name", "output_dir", "train.logging_steps", "train.eval_steps", "train.save_strategy",
+                  "train.save_steps", "train.save_total_limit", "train.report_to", "train.resume",
+                  "train.per_device_eval_batch_size", "train.dataloader_num_workers", "data.num_proc",
+                  "data.cache", "data.eval_file", "data.on_bad_row", "data.max_bad_fraction"}
+
+
+@dataclass
+class RunDirPlan:
+    """What `train` will do with the output directory: new, restart, overwrite or resume."""
+
+    path: Path
+    action: str
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_run(path: Path) -> bool:
+    return any((path / m).exists() for m in RUN_MARKERS)
+
+
+def _same_result(old_config: Path, cfg: RunConfig, allow_change: bool) -> None:
+    old = yaml.safe_load(old_config.read_text()) if old_config.is_file() else {}
+    diffs = [d for d in config_differences(old or {}, cfg.model_dump(mode="json"))
+             if d.split(":", 1)[0] not in RESULT_NEUTRAL]
+    if diffs and not allow_change:
+        raise user_error(f"the run in {old_config.parent} was trained with a config that gives a different "
+                         f"result; differences: {'; '.join(diffs[:8])}", "output_dir",
+                         "choose another output_dir, pass --overwrite to replace that run, or "
+                         "--allow-config-change to resume it anyway")
+
+
+def plan_run_dir(cfg: RunConfig, overwrite: bool, allow_config_change: bool = False) -> RunDirPlan:
+    """Decide, without writing anything, whether this run starts, resumes or is refused."""
+    run_dir, resume = Path(cfg.output_dir), cfg.train.resume
     if run_dir.exists() and not run_dir.is_dir():
         raise user_error(f"output_dir {run_dir} is a file", "output_dir", "choose a directory path")
+    if resume not in ("auto", False):
+        checkpoint = Path(resume)
+        problem = verify_checkpoint(checkpoint) if checkpoint.is_dir() else "it is not a directory"
+        if problem:
+            raise user_error(f"cannot resume from {checkpoint}: {problem}", "train.resume",
+                             "point it at a checkpoints/step-NNNNNN directory with a COMPLETE marker")
+        _same_result(checkpoint.parent.parent / "config.yaml", cfg, allow_config_change)
+        if run_dir.is_dir() and any(run_dir.iterdir()) and run_dir.resolve() != checkpoint.parent.parent.resolve():
+            raise user_error(f"output_dir {run_dir} is not empty and is not the run of {checkpoint}", "output_dir",
+                             "choose a new output_dir for the resumed run")
+        return RunDirPlan(run_dir, "resume", checkpoint)
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return run_dir
-    if not any((run_dir / m).exists() for m in RUN_MARKERS):
+        return RunDirPlan(run_dir, "new")
+    if not _is_run(run_dir):
         raise user_error(f"output_dir {run_dir} is not empty and holds no instructkit run", "output_dir",
                          "choose an empty or new directory (nothing there is deleted, even with --overwrite)")
     if overwrite:
-        return run_dir
-    old_path = run_dir / "config.yaml"
-    old = yaml.safe_load(old_path.read_text()) if old_path.is_file() else {}
-    diffs = config_differences(old or {}, cfg.model_dump(mode="json"))
-    what = ("holds a different run; differences: " + "; ".join(diffs[:8])) if diffs else "already holds this run"
-    raise user_error(f"output_dir {run_dir} {what}", "output_dir",
-                     "choose another output_dir, or pass --overwrite to replace that run")
+        return RunDirPlan(run_dir, "overwrite")
+    if resume is False:
+        raise user_error(f"output_dir {run_dir} already holds a run and train.resume is false", "output_dir",
+                         "choose another output_dir, pass --overwrite to replace it, or set train.resume: auto")
+    _same_result(run_dir / "config.yaml", cfg, allow_config_change)
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("status") == "completed":
+        raise user_error(f"output_dir {run_dir} already holds this run, completed", "output_dir",
+                         "choose another output_dir, or pass --overwrite to train it again")
+    checkpoint, notes = find_resumable(run_dir / "checkpoints")
+    if checkpoint is None:
+        return RunDirPlan(run_dir, "restart", None, notes + ["no complete checkpoint to resume: starting over"])
+    return RunDirPlan(run_dir, "resume", checkpoint, notes)
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the directory; with --overwrite, first remove the earlier run (checked by check_run_dir)."""
-    if overwrite and run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS):
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def claim_run_dir(plan: RunDirPlan) -> None:
+    """Create the directory; for overwrite or restart, first remove the earlier run (checked by plan_run_dir)."""
+    if plan.action in ("overwrite", "restart") and plan.path.is_dir() and _is_run(plan.path):
+        shutil.rmtree(plan.path)
+    plan.path.mkdir(parents=True, exist_ok=True)
+    probe = plan.path / ".write-test"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise user_error(f"cannot write in output_dir {plan.path} ({exc.strerror})", "output_dir",
+                         "choose a writable directory") from exc
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -85,3 +143,12 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def resume_history(run_dir: Path, plan: RunDirPlan, step: int) -> list[dict]:
+    """Earlier resumes from the run's manifest, plus this one when resuming."""
+    if plan.action != "resume":
+        return []
+    manifest = run_dir / "manifest.json"
+    old = json.loads(manifest.read_text()).get("resumed", []) if manifest.is_file() else []
+    return old + [{"from_checkpoint": str(plan.checkpoint), "step": step, "at": now()}]

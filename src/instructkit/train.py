@@ -9,6 +9,7 @@ processes, so it does not depend on how the tokens were split into batches.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -16,19 +17,21 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
-from instructkit.checkpoint import save_checkpoint
+from instructkit.checkpoint import load_checkpoint, save_checkpoint
 from instructkit.config import RunConfig
 from instructkit.data.collate import pad_batch
-from instructkit.data.pipeline import build_datasets
+from instructkit.data.pipeline import build_datasets, describe_data
+from instructkit.data.sampler import ResumableSampler
 from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
 from instructkit.data.templates import stop_token_ids
 from instructkit.data.tokenize import IGNORE
-from instructkit.errors import TrainingInterrupted
+from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.env import device_summary, package_versions
 from instructkit.metrics import MetricsLog
 from instructkit.models import (apply_lora, check_runtime, count_parameters, load_model, load_tokenizer,
                                 plan_loading, resolve_model)
-from instructkit.rundir import check_run_dir, claim_run_dir, git_commit, now, write_config, write_json
+from instructkit.rundir import (claim_run_dir, git_commit, now, plan_run_dir, resume_history, write_config,
+                                write_json)
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -103,8 +106,12 @@ def eval_loss(model, loader, accelerator) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, group: list, max_grad_norm: float) -> dict:
-    """One optimizer step over a group of micro-batches; returns summed loss and token counts."""
+def optimizer_step(accelerator, model, optimizer, scheduler, group: list, max_grad_norm: float, step: int = 0,
+                   precision: str = "fp32") -> dict:
+    """One optimizer step over a group of micro-batches; returns summed loss and token counts.
+
+    A NaN or infinite loss stops the run before the optimizer touches the weights, so no checkpoint
+    written afterwards can hold them."""
     import torch
 
     n_supervised = sum(count_supervised(b) for b in group)
@@ -117,6 +124,9 @@ def optimizer_step(accelerator, model, optimizer, scheduler, group: list, max_gr
             loss = loss_sum(model, batch)
             accelerator.backward(loss * scale)
         summed += loss.item()
+    if not math.isfinite(summed):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(step, summed, scheduler.get_last_lr()[0], precision)
     grad_norm = None
     if max_grad_norm > 0:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
@@ -147,8 +157,9 @@ def save_final(run_dir: Path, model, tokenizer, template, method: str) -> Path:
     return final
 
 
-def train(cfg: RunConfig, overwrite: bool = False) -> Path:
-    """Train per `cfg` and return the run directory; raises UserError on bad input before writing."""
+def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = False) -> Path:
+    """Train per `cfg` (resuming when the output directory holds a checkpoint of the same run) and
+    return the run directory; raises UserError on bad input before anything is written."""
     import torch
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
@@ -156,16 +167,23 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
     from transformers import get_scheduler
 
     started = now()
-    run_dir = check_run_dir(cfg, overwrite)
+    plan_dir = plan_run_dir(cfg, overwrite, allow_config_change)
+    run_dir = plan_dir.path
     check_runtime(cfg.model)
+    tc = cfg.train
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     plan = plan_loading(cfg.model, cfg.method, training=True)
     accelerator = make_accelerator(MIXED_PRECISION[plan.compute_precision])
-    say = accelerator.print
+    say, main = accelerator.print, accelerator.is_main_process
+    for note in plan_dir.notes:
+        say(f"note: {note}")
     set_seed(cfg.seed)
 
     # 1. Tokenizer and data: every bad row is reported before a model is loaded.
-    model_path = resolve_model(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    model_path = resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
     with accelerator.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
         data = build_datasets(cfg.data, tokenizer, cfg.seed)
     say(describe_data(data, cfg.data.max_length))
@@ -182,26 +200,30 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
         f"{plan.attn_implementation}); trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%)")
 
-    # 3. Optimizer, loaders, schedule.
-    tc = cfg.train
+    # 3. Optimizer, data order, schedule.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
                                   fused=True if tc.optim == "adamw_torch_fused" else None)
-    collate = partial(pad_batch, pad_id=tokenizer.pad_token_id)
     if cfg.data.packing:
         check_isolation(model, len(tokenizer), next(model.parameters()).device,
                         atol=1e-3 if plan.compute_precision == "fp32" else 5e-2)
-        bins = pack([len(e.input_ids) for e in data.train], cfg.data.max_length)
-        train_set, train_collate = [[data.train[i] for i in b] for b in bins], packed_batch
-        say(f"packing: {len(data.train)} examples in {len(bins)} rows of <= {cfg.data.max_length} tokens "
-            f"({packing_efficiency([len(e.input_ids) for e in data.train], cfg.data.max_length):.1%} filled)")
+        lengths = [len(e.input_ids) for e in data.train]
+        train_set = [[data.train[i] for i in b] for b in pack(lengths, cfg.data.max_length)]
+        train_collate = packed_batch
+        say(f"packing: {len(data.train)} examples in {len(train_set)} rows of <= {cfg.data.max_length} tokens "
+            f"({packing_efficiency(lengths, cfg.data.max_length):.1%} filled)")
     else:
-        train_set, train_collate = data.train, collate
-    train_loader = DataLoader(train_set, batch_size=tc.per_device_train_batch_size, shuffle=True,
-                              collate_fn=train_collate, generator=torch.Generator().manual_seed(cfg.seed))
-    eval_loader = DataLoader(data.eval, batch_size=tc.per_device_eval_batch_size, collate_fn=collate)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    micro_per_epoch = len(train_loader)
+        train_set, train_collate = data.train, partial(pad_batch, pad_id=tokenizer.pad_token_id)
+    # The order is a function of (seed, epoch), so a resumed run continues it exactly; the loader's own
+    # generator keeps worker seeding from drawing on the global RNG that dropout uses.
+    sampler = ResumableSampler(len(train_set), cfg.seed, accelerator.process_index, accelerator.num_processes)
+    train_loader = DataLoader(train_set, batch_size=tc.per_device_train_batch_size, sampler=sampler,
+                              collate_fn=train_collate, num_workers=tc.dataloader_num_workers,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    eval_loader = DataLoader(data.eval, batch_size=tc.per_device_eval_batch_size,
+                             collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id))
+    model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+    micro_per_epoch = math.ceil(sampler.per_process() / tc.per_device_train_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.gradient_accumulation_steps)
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
     scheduler = get_scheduler(tc.lr_scheduler_type, optimizer,
@@ -211,112 +233,115 @@ def train(cfg: RunConfig, overwrite: bool = False) -> Path:
         f"{tc.per_device_train_batch_size} x accumulation {tc.gradient_accumulation_steps} x "
         f"{accelerator.num_processes} process(es)")
 
-    # 4. The run directory: claimed only now that config, data and model are known to be good.
-    if accelerator.is_main_process:
-        claim_run_dir(run_dir, overwrite)
+    # 4. Resume (after all setup, so nothing above shifts the restored RNG), then claim the directory.
+    step, epoch, start_batch = 0, 0, 0
+    if plan_dir.action == "resume":
+        state = load_checkpoint(plan_dir.checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        step, epoch, start_batch = state["step"], state["epoch_index"], state["batch_in_epoch"]
+        if start_batch >= micro_per_epoch:
+            epoch, start_batch = epoch + 1, 0
+        say(f"resumed from {plan_dir.checkpoint} at step {step} (epoch {epoch}, batch {start_batch})")
+    if main:
+        claim_run_dir(plan_dir)
         write_config(run_dir, cfg)
     manifest = {
         "run_name": cfg.run_name, "status": "running", "start_time": started, "end_time": None,
         "seed": cfg.seed, "versions": package_versions(), "device": device_summary(),
-        "model": {"name_or_path": cfg.model.name_or_path, "resolved": model_path},
+        "model": {"name_or_path": cfg.model.name_or_path, "resolved": model_path, "revision": cfg.model.revision},
         "method": cfg.method, "precision": plan.compute_precision, "attn_implementation": plan.attn_implementation,
-        "parameters": {"trainable": trainable, "total": total},
-        "data_files": data.stats["data_files"],
+        "parameters": {"trainable": trainable, "total": total}, "data_files": data.stats["data_files"],
         "data": data.stats, "total_steps": total_steps, "git_commit": git_commit(),
+        "resumed": resume_history(run_dir, plan_dir, step),
     }
-    main = accelerator.is_main_process
+    log = None
     if main:
         write_json(run_dir / "manifest.json", manifest)
         if any(r["bad"] for r in data.stats["bad_rows"].values()):
             write_json(run_dir / "data_report.json", data.stats["bad_rows"])
-    log = MetricsLog(run_dir, "tensorboard" in tc.report_to) if main else None
+        log = MetricsLog(run_dir, "tensorboard" in tc.report_to, resume_step=step if step else None)
 
-    def checkpoint(step: int, epoch: float) -> Path | None:
+    def checkpoint(at_step: int, epoch_index: int, batch: int) -> Path | None:
         accelerator.wait_for_everyone()
         if not main:
             return None
-        return save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                               {"step": step, "epoch": epoch, "total_steps": total_steps}, tc.save_total_limit)
+        run_state = {"step": at_step, "epoch_index": epoch_index, "batch_in_epoch": batch,
+                     "epoch": epoch_index + batch / micro_per_epoch, "total_steps": total_steps, "seed": cfg.seed}
+        return save_checkpoint(run_dir, at_step, accelerator.unwrap_model(model), optimizer, scheduler,
+                               run_state, tc.save_total_limit)
 
     # 5. The loop.
     model.train()
-    step, epoch, last_loss = 0, 0, float("nan")
+    last_loss = float("nan")
     window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not main, dynamic_ncols=True)
-    with StopOnSignal() as stop:
-        while step < total_steps:
-            batches = iter(train_loader)
-            done = 0
-            while done < micro_per_epoch and step < total_steps:
-                group = [next(batches) for _ in range(min(tc.gradient_accumulation_steps, micro_per_epoch - done))]
-                done += len(group)
-                out = optimizer_step(accelerator, model, optimizer, scheduler, group, tc.max_grad_norm)
-                step += 1
-                bar.update(1)
-                for key in ("loss_sum", "supervised", "tokens"):
-                    window[key] += out[key]
-                at_epoch = epoch + done / micro_per_epoch
-                if step % tc.logging_steps == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window["start"]
-                    last_loss = window["loss_sum"] / max(window["supervised"], 1)
-                    record = {"step": step, "epoch": round(at_epoch, 4), "loss": round(last_loss, 6),
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": out["grad_norm"],
-                              "tokens_per_s": round(window["tokens"] / elapsed, 1),
-                              "supervised_tokens": window["supervised"], "elapsed_s": round(elapsed, 3)}
-                    if main:
-                        log.log(record)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                        tok_s=f"{record['tokens_per_s']:.0f}")
-                        bar.write(f"step {step}/{total_steps} epoch {at_epoch:.2f} loss {last_loss:.4f} "
-                                  f"lr {record['lr']:.2e} tokens/s {record['tokens_per_s']:.0f}")
-                    window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
-                if data.eval and tc.eval_steps and step % tc.eval_steps == 0:
-                    _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
-                if tc.save_strategy == "steps" and step % tc.save_steps == 0 and step < total_steps:
-                    checkpoint(step, at_epoch)
-                if stop.signum is not None:
-                    path = checkpoint(step, at_epoch)
-                    _finish(run_dir, manifest, "interrupted", main, log, bar)
-                    raise TrainingInterrupted(stop.signum, path)
-            epoch += 1
-            if done == micro_per_epoch:
-                if data.eval and not tc.eval_steps:
-                    _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
-                if tc.save_strategy == "epoch" and step < total_steps:
-                    checkpoint(step, float(epoch))
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main, dynamic_ncols=True)
+    status = "failed"
+    try:
+        with StopOnSignal() as stop:
+            while step < total_steps:
+                sampler.set_position(epoch, start_batch * tc.per_device_train_batch_size)
+                batches, done, start_batch = iter(train_loader), start_batch, 0
+                while done < micro_per_epoch and step < total_steps:
+                    n = min(tc.gradient_accumulation_steps, micro_per_epoch - done)
+                    group = [{k: v.to(accelerator.device) for k, v in next(batches).items()} for _ in range(n)]
+                    done += n
+                    out = optimizer_step(accelerator, model, optimizer, scheduler, group, tc.max_grad_norm, step + 1,
+                                         plan.compute_precision)
+                    step += 1
+                    bar.update(1)
+                    for key in ("loss_sum", "supervised", "tokens"):
+                        window[key] += out[key]
+                    at_epoch = epoch + done / micro_per_epoch
+                    if step % tc.logging_steps == 0 or step == total_steps:
+                        elapsed = time.perf_counter() - window["start"]
+                        last_loss = window["loss_sum"] / max(window["supervised"], 1)
+                        record = {"step": step, "epoch": round(at_epoch, 4), "loss": round(last_loss, 6),
+                                  "lr": scheduler.get_last_lr()[0], "grad_norm": out["grad_norm"],
+                                  "tokens_per_s": round(window["tokens"] / elapsed, 1),
+                                  "supervised_tokens": window["supervised"], "elapsed_s": round(elapsed, 3)}
+                        if main:
+                            log.log(record)
+                            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                            tok_s=f"{record['tokens_per_s']:.0f}")
+                            bar.write(f"step {step}/{total_steps} epoch {at_epoch:.2f} loss {last_loss:.4f} "
+                                      f"lr {record['lr']:.2e} tokens/s {record['tokens_per_s']:.0f}")
+                        window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
+                    if data.eval and tc.eval_steps and step % tc.eval_steps == 0:
+                        _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+                    if tc.save_strategy == "steps" and step % tc.save_steps == 0 and step < total_steps:
+                        checkpoint(step, epoch, done)
+                    if stop.signum is not None:
+                        path = checkpoint(step, epoch, done)
+                        status = "interrupted"
+                        raise TrainingInterrupted(stop.signum, path)
+                epoch += 1
+                if done == micro_per_epoch:
+                    if data.eval and not tc.eval_steps:
+                        _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+                    if tc.save_strategy == "epoch" and step < total_steps:
+                        checkpoint(step, epoch - 1, done)
 
-    # 6. Save final/ and close the manifest.
-    if data.eval and tc.eval_steps and step % tc.eval_steps != 0:
-        _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
-    accelerator.wait_for_everyone()
-    if main:
-        final = save_final(run_dir, accelerator.unwrap_model(model), tokenizer, data.template, cfg.method)
-        manifest["final_loss"] = last_loss
-        _finish(run_dir, manifest, "completed", main, log, bar)
-        say(f"saved {final}")
+        # 6. Save final/ and close the manifest.
+        if data.eval and tc.eval_steps and step % tc.eval_steps != 0:
+            _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+        accelerator.wait_for_everyone()
+        if main:
+            final = save_final(run_dir, accelerator.unwrap_model(model), tokenizer, data.template, cfg.method)
+            manifest["final_loss"] = last_loss
+            say(f"saved {final}")
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        bar.close()
+        if main:
+            manifest.update(status=status, end_time=now())
+            write_json(run_dir / "manifest.json", manifest)
+            log.close()
     return run_dir
-
-
-def describe_data(data, max_length: int) -> str:
-    """One paragraph: formats chosen, template, rows kept, dropped, truncated and skipped as bad."""
-    st = data.stats
-    formats = ", ".join(f"{name}: {fmt}" for name, fmt in st["formats"].items())
-    bad = st["bad_rows"]["train"]["bad"]
-    return (f"data: format {formats}; template {st['template']}; {st['train']['rows']} train rows, "
-            f"{len(data.train)} kept, {st['train']['dropped']} dropped and {st['train']['truncated']} truncated "
-            f"over max_length={max_length}" + (f", {bad} bad rows skipped (see data_report.json)" if bad else "")
-            + f"; {len(data.eval)} eval examples; tokenized data cache: {st['cache']}")
 
 
 def _log_eval(log, bar, step: int, loss: float) -> None:
     if log is not None:
         log.log({"step": step, "eval_loss": round(loss, 6), "eval_ppl": round(math.exp(min(loss, 50)), 4)})
         bar.write(f"step {step} eval_loss {loss:.4f} eval_ppl {math.exp(min(loss, 50)):.3f}")
-
-
-def _finish(run_dir: Path, manifest: dict, status: str, main: bool, log, bar) -> None:
-    bar.close()
-    if main:
-        manifest.update(status=status, end_time=now())
-        write_json(run_dir / "manifest.json", manifest)
-        log.close()

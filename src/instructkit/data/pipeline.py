@@ -202,3 +202,14 @@ def check_rows(data_cfg: DataConfig, seed: int) -> str:
         skipped = f", {len(report.bad)} bad rows to skip" if report.bad else ""
         parts.append(f"{len(conversations)} {split} rows{skipped} ({', '.join(f'{k}: {v}' for k, v in formats.items())})")
     return "; ".join(parts)
+
+
+def describe_data(data: Datasets, max_length: int) -> str:
+    """One paragraph: formats chosen, template, rows kept, dropped, truncated and skipped as bad."""
+    st = data.stats
+    formats = ", ".join(f"{name}: {fmt}" for name, fmt in st["formats"].items())
+    bad = st["bad_rows"]["train"]["bad"]
+    return (f"data: format {formats}; template {st['template']}; {st['train']['rows']} train rows, "
+            f"{len(data.train)} kept, {st['train']['dropped']} dropped and {st['train']['truncated']} truncated "
+            f"over max_length={max_length}" + (f", {bad} bad rows skipped (see data_report.json)" if bad else "")
+            + f"; {len(data.eval)} eval examples; tokenized data cache: {st['cache']}")
