@@ -35,8 +35,8 @@ def _cmd_validate(args) -> int:
     from instructkit.rundir import plan_run_dir
 
     cfg = load_config(args.config, args.overrides)
-    where = locate_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     check_runtime(cfg.model)
+    where = locate_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     summary = check_rows(cfg.data, cfg.seed)
     print(f"config OK: {args.config}")
     print(f"  model: {where}; method {cfg.method}")
@@ -180,8 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, except that `key=value` overrides may also come after flags (`train c.yaml --overwrite a=1`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)

@@ -70,8 +70,13 @@ def _same_result(old_config: Path, cfg: RunConfig, allow_change: bool) -> None:
 def plan_run_dir(cfg: RunConfig, overwrite: bool, allow_config_change: bool = False) -> RunDirPlan:
     """Decide, without writing anything, whether this run starts, resumes or is refused."""
     run_dir, resume = Path(cfg.output_dir), cfg.train.resume
-    if run_dir.exists() and not run_dir.is_dir():
-        raise user_error(f"output_dir {run_dir} is a file", "output_dir", "choose a directory path")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise user_error(f"output_dir {run_dir} cannot be written ({existing} is "
+                         f"{'not a directory' if not existing.is_dir() else 'not writable'})", "output_dir",
+                         "choose a directory path you can write to")
     if resume not in ("auto", False):
         checkpoint = Path(resume)
         problem = verify_checkpoint(checkpoint) if checkpoint.is_dir() else "it is not a directory"
@@ -108,9 +113,9 @@ def claim_run_dir(plan: RunDirPlan) -> None:
     """Create the directory; for overwrite or restart, first remove the earlier run (checked by plan_run_dir)."""
     if plan.action in ("overwrite", "restart") and plan.path.is_dir() and _is_run(plan.path):
         shutil.rmtree(plan.path)
-    plan.path.mkdir(parents=True, exist_ok=True)
     probe = plan.path / ".write-test"
     try:
+        plan.path.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
