@@ -75,7 +75,7 @@ def _cmd_generate(args) -> int:
         raise UserError("give either --prompt TEXT or --file PROMPTS.jsonl (with --output OUT.jsonl).")
     if args.file and not args.output:
         raise UserError("--file needs --output OUT.jsonl for the results.")
-    loaded = load_for_inference(args.run_or_model)
+    loaded = load_for_inference(args.run_or_model, allow_pickle=args.allow_pickle)
     if args.file:
         n = generate_file(loaded, args.file, args.output, batch_size=args.batch_size, **_sampling(args))
         print(f"wrote {n} rows to {args.output}")
@@ -87,7 +87,7 @@ def _cmd_generate(args) -> int:
 def _cmd_chat(args) -> int:
     from instructkit.generate import chat, load_for_inference
 
-    chat(load_for_inference(args.run_or_model), input, print, system=args.system, **_sampling(args))
+    chat(load_for_inference(args.run_or_model, allow_pickle=args.allow_pickle), input, print, system=args.system, **_sampling(args))
     return EXIT_OK
 
 
@@ -95,7 +95,8 @@ def _cmd_eval(args) -> int:
     from instructkit.evaluate import evaluate, format_results
 
     results = evaluate(args.run_or_model, args.data, baseline=args.baseline, out_dir=args.out,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       allow_pickle=args.allow_pickle)
     print(format_results(results))
     print(f"wrote {results['out_dir']}/eval.json and predictions.jsonl")
     return EXIT_OK
@@ -111,6 +112,11 @@ def _cmd_env(args) -> int:
         print(f"no usable GPU: {problem}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
+
+
+def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow .bin/.pt weights (unpickling can run code); default safetensors only")
 
 
 def _add_sampling(parser: argparse.ArgumentParser, max_new: int = 256) -> None:
@@ -155,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSONL to write: each input row plus 'output'")
     p.add_argument("--batch-size", type=int, default=8)
     _add_sampling(p)
+    _add_allow_pickle(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat with a run or model")
     p.add_argument("run_or_model")
     p.add_argument("--system", help="optional system prompt")
     _add_sampling(p)
+    _add_allow_pickle(p)
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("eval", help="exact-match evaluation, optionally against the base model")
@@ -170,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default RUN/eval)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_allow_pickle(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")

@@ -55,7 +55,7 @@ def accuracy_table(rows: list[dict], key: str) -> dict:
     return result
 
 
-def _baseline_outputs(loaded: Loaded, prompts: list, options: dict) -> list[str]:
+def _baseline_outputs(loaded: Loaded, prompts: list, options: dict, allow_pickle: bool) -> list[str]:
     if loaded.is_adapter:
         with loaded.model.disable_adapter():
             return generate(loaded, prompts, **options)
@@ -63,22 +63,22 @@ def _baseline_outputs(loaded: Loaded, prompts: list, options: dict) -> list[str]
     if not manifest.is_file():
         raise user_error("--baseline needs a run directory, whose manifest names the base model", loaded.source,
                          "pass runs/NAME, or drop --baseline")
-    base = load_for_inference(json.loads(manifest.read_text())["model"]["resolved"])
+    base = load_for_inference(json.loads(manifest.read_text())["model"]["resolved"], allow_pickle=allow_pickle)
     return generate(Loaded(base.model, loaded.tokenizer, loaded.template, base.source, False), prompts, **options)
 
 
 def evaluate(run_or_model: str, data_path: str, baseline: bool = False, out_dir: str | None = None,
-             max_new_tokens: int = 64, batch_size: int = 16) -> dict:
+             max_new_tokens: int = 64, batch_size: int = 16, allow_pickle: bool = False) -> dict:
     """Generate for every row, score, and write eval.json and predictions.jsonl into out_dir."""
     rows = load_eval_rows(data_path)
-    loaded = load_for_inference(run_or_model)
+    loaded = load_for_inference(run_or_model, allow_pickle=allow_pickle)
     prompts = [row["messages"] for row in rows]
     options = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": True}
     for row, output in zip(rows, generate(loaded, prompts, **options)):
         row["tuned"] = output
     results = {"model": loaded.source, "data": data_path, "tuned": accuracy_table(rows, "tuned")}
     if baseline:
-        for row, output in zip(rows, _baseline_outputs(loaded, prompts, options)):
+        for row, output in zip(rows, _baseline_outputs(loaded, prompts, options, allow_pickle)):
             row["base"] = output
         results["base"] = accuracy_table(rows, "base")
     run_dir = Path(run_or_model)

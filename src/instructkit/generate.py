@@ -7,6 +7,7 @@ tokens the model sees at inference are the training prompt tokens.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,15 +32,17 @@ class Loaded:
     is_adapter: bool
 
 
-def find_model_dir(run_or_model: str) -> Path | str:
+def find_model_dir(run_or_model: str, allow_pickle: bool = False) -> Path | str:
     """A run directory's final/, a model or adapter directory, or (not a directory) a model name."""
     path = Path(run_or_model).expanduser()
     if not path.is_dir():
-        return resolve_model(run_or_model)
+        return resolve_model(run_or_model, allow_pickle)
     if (path / "final").is_dir():
         return path / "final"
-    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+    if (path / "adapter_config.json").is_file():
         return path
+    if (path / "config.json").is_file():
+        return Path(resolve_model(str(path), allow_pickle))
     if (path / "manifest.json").is_file():
         status = json.loads((path / "manifest.json").read_text()).get("status")
         raise user_error(f"the run {path} has no final/ model (its status is {status})", str(path),
@@ -48,22 +51,24 @@ def find_model_dir(run_or_model: str) -> Path | str:
                      "pass runs/NAME, a directory with config.json, or a LoRA adapter directory")
 
 
-def load_for_inference(run_or_model: str, precision: str = "auto") -> Loaded:
-    """Load base (+ adapter) in the inference precision, spread over GPUs when there are several."""
+def load_for_inference(run_or_model: str, precision: str = "auto", allow_pickle: bool = False) -> Loaded:
+    """Load base (+ adapter) in the inference precision, spread over GPUs when there are several.
+    Weights are read from safetensors only unless `allow_pickle`."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model_dir = find_model_dir(run_or_model)
+    model_dir = find_model_dir(run_or_model, allow_pickle)
     dtype = getattr(torch, DTYPES[resolve_precision(precision)])
     device_map = "auto" if torch.cuda.is_available() else None
-    kwargs = dict(dtype=dtype, attn_implementation=resolve_attention("auto"), device_map=device_map)
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attention("auto"), device_map=device_map,
+                  use_safetensors=None if allow_pickle else True)
     adapter = isinstance(model_dir, Path) and (model_dir / "adapter_config.json").is_file()
     tokenizer = load_tokenizer(str(model_dir))
     if adapter:
         from peft import PeftModel
 
         base_name = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(str(resolve_model(base_name)), **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name, allow_pickle), **kwargs)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
@@ -93,7 +98,8 @@ def generate(loaded: Loaded, prompts: list[tuple[Message, ...]], max_new_tokens:
     device = next(loaded.model.parameters()).device
     outputs: list[str] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress or len(starts) < 2):
+    quiet = not progress or len(starts) < 2 or not sys.stderr.isatty()
+    for start in tqdm(starts, desc="generate", unit="batch", disable=quiet):
         examples = [prompt_example(loaded, p) for p in prompts[start:start + batch_size]]
         batch = pad_batch(examples, tok.pad_token_id, side="left")
         with torch.no_grad():

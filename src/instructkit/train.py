@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -137,7 +138,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, group: list, max_gr
     return {"loss_sum": summed, "supervised": n_supervised, "tokens": tokens, "grad_norm": grad_norm}
 
 
-def save_final(run_dir: Path, model, tokenizer, template, method: str) -> Path:
+def save_final(run_dir: Path, model, tokenizer, template) -> Path:
     """final/: the adapter (PEFT) or full model (safetensors), the tokenizer carrying the template used
     in training as its chat template, and a generation config that stops at the end-of-turn token."""
     import os
@@ -273,7 +274,9 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     model.train()
     last_loss = float("nan")
     window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main, dynamic_ncols=True)
+    # In a log file the per-step lines say the same as the bar, without its redraws.
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+               disable=not main or not sys.stderr.isatty(), dynamic_ncols=True)
     status = "failed"
     try:
         with StopOnSignal() as stop:
@@ -325,7 +328,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
             _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
         accelerator.wait_for_everyone()
         if main:
-            final = save_final(run_dir, accelerator.unwrap_model(model), tokenizer, data.template, cfg.method)
+            final = save_final(run_dir, accelerator.unwrap_model(model), tokenizer, data.template)
             manifest["final_loss"] = last_loss
             say(f"saved {final}")
         status = "completed"

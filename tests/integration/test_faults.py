@@ -135,3 +135,18 @@ def test_malformed_input_exits_2_and_leaves_the_run_untouched(tiny_config, tmp_p
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert tree_digest(run) == before
+
+
+def test_inference_refuses_pickled_weights_unless_allowed(tiny_model_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled-model"
+    pickled.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (pickled / name).write_bytes((tiny_model_dir / name).read_bytes())
+    torch.save(load_file(str(tiny_model_dir / "model.safetensors")), pickled / "pytorch_model.bin")
+    args = ["generate", str(pickled), "--prompt", "Hi", "--max-new-tokens", "2"]
+    assert main(args) == 2
+    assert "only pickled weights" in capsys.readouterr().err
+    assert main(args + ["--allow-pickle"]) == 0
