@@ -28,6 +28,7 @@ from instructkit.data.templates import stop_token_ids
 from instructkit.data.tokenize import IGNORE
 from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.env import device_summary, package_versions
+from instructkit.loss import SupervisedLoss, count_supervised
 from instructkit.metrics import MetricsLog
 from instructkit.models import (apply_lora, check_runtime, count_parameters, load_model, load_tokenizer,
                                 plan_loading, resolve_model)
@@ -74,67 +75,60 @@ def make_accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision)
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+def loss_sum(loss_fn: SupervisedLoss, batch: dict):
+    """Summed loss of one micro-batch: the single place the model is called while training."""
+    return loss_fn(**batch)
 
 
-def loss_sum(model, batch):
-    """Summed next-token cross entropy over supervised positions (fp32 for the softmax). Packed
-    batches carry position_ids and no attention mask; padded ones the reverse."""
-    import torch.nn.functional as F
-
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def count_supervised(batch) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-def eval_loss(model, loader, accelerator) -> float:
+def eval_loss(loss_fn, loader, accelerator) -> float:
     """Mean loss per supervised token over the whole eval set, summed over processes."""
     import torch
 
-    model.eval()
+    loss_fn.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            total += torch.tensor([loss_sum(model, batch).item(), count_supervised(batch)],
-                                  dtype=torch.float64, device=accelerator.device)
-    model.train()
+            total[0] += loss_sum(loss_fn, batch).double()
+            total[1] += count_supervised(batch)
+    loss_fn.train()
     total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1].clamp(min=1))
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, group: list, max_grad_norm: float, step: int = 0,
+def optimizer_step(accelerator, loss_fn, optimizer, scheduler, group: list, max_grad_norm: float, step: int = 0,
                    precision: str = "fp32") -> dict:
-    """One optimizer step over a group of micro-batches; returns summed loss and token counts.
-
-    A NaN or infinite loss stops the run before the optimizer touches the weights, so no checkpoint
-    written afterwards can hold them."""
+    """One optimizer step over a group of micro-batches (collated on the CPU); returns summed loss and
+    token counts. Counts come from the CPU copies, so the step syncs with the device once: to stop on
+    a NaN or infinite loss before the optimizer touches the weights (no checkpoint can hold them)."""
     import torch
 
     n_supervised = sum(count_supervised(b) for b in group)
-    global_supervised = accelerator.reduce(torch.tensor(n_supervised, device=accelerator.device), "sum").item()
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in group)
+    global_supervised = n_supervised
+    if accelerator.num_processes > 1:
+        global_supervised = accelerator.reduce(torch.tensor(n_supervised, device=accelerator.device), "sum").item()
     # DDP averages gradients over processes; multiplying back gives the mean over all tokens.
     scale = accelerator.num_processes / max(global_supervised, 1)
-    summed = 0.0
+    summed = torch.zeros((), dtype=torch.float32, device=accelerator.device)
     for i, batch in enumerate(group):
-        with nullcontext() if i == len(group) - 1 else accelerator.no_sync(model):
-            loss = loss_sum(model, batch)
+        with nullcontext() if i == len(group) - 1 else accelerator.no_sync(loss_fn):
+            loss = loss_sum(loss_fn, to_device(batch, accelerator.device))
             accelerator.backward(loss * scale)
-        summed += loss.item()
+        summed += loss.detach()
+    summed = summed.item()
     if not math.isfinite(summed):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(step, summed, scheduler.get_last_lr()[0], precision)
     grad_norm = None
     if max_grad_norm > 0:
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+        grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in group)
     return {"loss_sum": summed, "supervised": n_supervised, "tokens": tokens, "grad_norm": grad_norm}
 
 
@@ -223,7 +217,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                               generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(data.eval, batch_size=tc.per_device_eval_batch_size,
                              collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id))
-    model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+    loss_fn, optimizer, eval_loader = accelerator.prepare(SupervisedLoss(model), optimizer, eval_loader)
     micro_per_epoch = math.ceil(sampler.per_process() / tc.per_device_train_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.gradient_accumulation_steps)
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
@@ -237,7 +231,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     # 4. Resume (after all setup, so nothing above shifts the restored RNG), then claim the directory.
     step, epoch, start_batch = 0, 0, 0
     if plan_dir.action == "resume":
-        state = load_checkpoint(plan_dir.checkpoint, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = load_checkpoint(plan_dir.checkpoint, model, optimizer, scheduler)
         step, epoch, start_batch = state["step"], state["epoch_index"], state["batch_in_epoch"]
         if start_batch >= micro_per_epoch:
             epoch, start_batch = epoch + 1, 0
@@ -267,11 +261,10 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
             return None
         run_state = {"step": at_step, "epoch_index": epoch_index, "batch_in_epoch": batch,
                      "epoch": epoch_index + batch / micro_per_epoch, "total_steps": total_steps, "seed": cfg.seed}
-        return save_checkpoint(run_dir, at_step, accelerator.unwrap_model(model), optimizer, scheduler,
-                               run_state, tc.save_total_limit)
+        return save_checkpoint(run_dir, at_step, model, optimizer, scheduler, run_state, tc.save_total_limit)
 
     # 5. The loop.
-    model.train()
+    loss_fn.train()
     last_loss = float("nan")
     window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
     # In a log file the per-step lines say the same as the bar, without its redraws.
@@ -285,10 +278,10 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                 batches, done, start_batch = iter(train_loader), start_batch, 0
                 while done < micro_per_epoch and step < total_steps:
                     n = min(tc.gradient_accumulation_steps, micro_per_epoch - done)
-                    group = [{k: v.to(accelerator.device) for k, v in next(batches).items()} for _ in range(n)]
+                    group = [next(batches) for _ in range(n)]
                     done += n
-                    out = optimizer_step(accelerator, model, optimizer, scheduler, group, tc.max_grad_norm, step + 1,
-                                         plan.compute_precision)
+                    out = optimizer_step(accelerator, loss_fn, optimizer, scheduler, group, tc.max_grad_norm,
+                                         step + 1, plan.compute_precision)
                     step += 1
                     bar.update(1)
                     for key in ("loss_sum", "supervised", "tokens"):
@@ -298,7 +291,8 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                         elapsed = time.perf_counter() - window["start"]
                         last_loss = window["loss_sum"] / max(window["supervised"], 1)
                         record = {"step": step, "epoch": round(at_epoch, 4), "loss": round(last_loss, 6),
-                                  "lr": scheduler.get_last_lr()[0], "grad_norm": out["grad_norm"],
+                                  "lr": scheduler.get_last_lr()[0],
+                                  "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
                                   "tokens_per_s": round(window["tokens"] / elapsed, 1),
                                   "supervised_tokens": window["supervised"], "elapsed_s": round(elapsed, 3)}
                         if main:
@@ -309,7 +303,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                                       f"lr {record['lr']:.2e} tokens/s {record['tokens_per_s']:.0f}")
                         window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
                     if data.eval and tc.eval_steps and step % tc.eval_steps == 0:
-                        _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+                        _log_eval(log, bar, step, eval_loss(loss_fn, eval_loader, accelerator))
                     if tc.save_strategy == "steps" and step % tc.save_steps == 0 and step < total_steps:
                         checkpoint(step, epoch, done)
                     if stop.signum is not None:
@@ -319,16 +313,16 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                 epoch += 1
                 if done == micro_per_epoch:
                     if data.eval and not tc.eval_steps:
-                        _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+                        _log_eval(log, bar, step, eval_loss(loss_fn, eval_loader, accelerator))
                     if tc.save_strategy == "epoch" and step < total_steps:
                         checkpoint(step, epoch - 1, done)
 
         # 6. Save final/ and close the manifest.
         if data.eval and tc.eval_steps and step % tc.eval_steps != 0:
-            _log_eval(log, bar, step, eval_loss(model, eval_loader, accelerator))
+            _log_eval(log, bar, step, eval_loss(loss_fn, eval_loader, accelerator))
         accelerator.wait_for_everyone()
         if main:
-            final = save_final(run_dir, accelerator.unwrap_model(model), tokenizer, data.template)
+            final = save_final(run_dir, model, tokenizer, data.template)
             manifest["final_loss"] = last_loss
             say(f"saved {final}")
         status = "completed"

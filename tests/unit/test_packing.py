@@ -7,7 +7,7 @@ from instructkit.data.collate import pad_batch
 from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
 from instructkit.data.tokenize import IGNORE, Example
 from instructkit.errors import UserError
-from instructkit.train import count_supervised, loss_sum
+from instructkit.loss import SupervisedLoss, count_supervised
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -67,9 +67,10 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir):
     model, examples = _model(tiny_model_dir), _examples()
     packed, padded = packed_batch([examples]), pad_batch(examples, pad_id=0)
     assert count_supervised(packed) == count_supervised(padded)
+    loss = SupervisedLoss(model)
     with torch.no_grad():
-        a = loss_sum(model, packed) / count_supervised(packed)
-        b = loss_sum(model, padded) / count_supervised(padded)
+        a = loss(**packed) / count_supervised(packed)
+        b = loss(**padded) / count_supervised(padded)
     assert a.item() == pytest.approx(b.item(), abs=1e-5)
 
 
@@ -87,3 +88,19 @@ def test_isolation_probe_passes_and_refuses_a_leaking_model(tiny_model_dir):
 
     with pytest.raises(UserError, match="packed examples attend to each other"):
         check_isolation(Leaky(model), 256, "cpu", atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+def test_supervised_logits_path_equals_full_logits_in_loss_and_gradients(tiny_model_dir, chunk):
+    examples = _examples()
+    results = []
+    for fast in (True, False):
+        model = _model(tiny_model_dir)
+        loss = SupervisedLoss(model, chunk_tokens=chunk)
+        loss.fast = fast  # False: the full tokens x vocabulary logits through the model's own forward
+        value = loss(**pad_batch(examples, pad_id=0))
+        value.backward()
+        results.append((value.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for fast_grad, plain_grad in zip(results[0][1], results[1][1]):
+        assert torch.allclose(fast_grad, plain_grad, atol=1e-6)

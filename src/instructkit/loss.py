@@ -1,0 +1,62 @@
+"""The training loss: summed next-token cross entropy over supervised positions only.
+
+The decoder runs on every token, but the LM head (hidden x vocabulary, a large share of a small
+model's compute) runs only where a label is supervised, in chunks whose logits are recomputed in
+backward, so the full tokens x vocabulary logits are never materialised. Models whose logits are
+post-processed (soft-capping, scaling) take the plain path through their own forward.
+
+The loss is a module so that accelerate can wrap it (DDP hooks need the wrapped module's forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class SupervisedLoss(torch.nn.Module):
+    """forward(input_ids, labels, [attention_mask], [position_ids]) -> summed loss (fp32 softmax)."""
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = getattr(lm, "config", None)
+        plain = any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
+        has_parts = hasattr(lm, "get_decoder") and hasattr(lm, "get_output_embeddings")
+        self.fast = has_parts and not plain and lm.get_output_embeddings() is not None
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        if not self.fast:
+            logits = self.model(**inputs, use_cache=False).logits
+            return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+        wanted = targets[keep]
+        head = lm.get_output_embeddings()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], self.chunk_tokens):
+            h, y = hidden[start:start + self.chunk_tokens], wanted[start:start + self.chunk_tokens]
+            if torch.is_grad_enabled():  # keep only h for backward; the chunk's logits are recomputed
+                total = total + checkpoint(_head_ce, head, h, y, use_reentrant=False)
+            else:
+                total = total + _head_ce(head, h, y)
+        return total
+
+
+def count_supervised(batch: dict) -> int:
+    """Supervised next-token targets in a collated batch (computed on the CPU copy: no device sync)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
