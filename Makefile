@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast test-gpu readme-reference clean
+.PHONY: install demo test test-fast test-gpu bench readme-reference clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ test-fast: install
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu
+
+# Side by side: the seed recipe, TRL and instructkit (LoRA and full, 3 runs each; about 30 minutes on
+# 2 CPU cores). Writes bench/results-*.{json,md}; bench/RESULTS.md keeps the tables quoted in the README.
+bench: install
+	$(PIP) install -e ".[bench]"
+	$(PY) bench/bench.py --variants seed,trl,instructkit,instructkit-grouped,instructkit-packed,instructkit-bf16 \
+	    --methods lora --repeats 3 --out bench/results-lora
+	$(PY) bench/bench.py --variants seed,trl,instructkit,instructkit-grouped --methods full --repeats 3 \
+	    --out bench/results-full
 
 # Rewrite the README's config reference from the pydantic models (a test checks they agree).
 readme-reference: install

@@ -9,7 +9,7 @@ tokens). Each run is a fresh process, so peak RSS is its own. Steps 2..N are tim
 
 Reported per run: real (non-pad) tokens/s, supervised tokens/s, seconds per optimizer step, peak RSS,
 final loss, and MFU: model FLOPs per second over a matmul peak measured on the spot. Model FLOPs are
-counted the same way for every variant (see `model_flops`), so MFU ratios equal work-rate ratios.
+counted the same way for every variant (`instructkit.metrics.training_flops`), so MFU ratios equal work-rate ratios.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from instructkit.metrics import matmul_peak_tflops, training_flops
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples/data/train.jsonl"
 MAX_LENGTH = 256
@@ -36,34 +38,9 @@ VARIANTS = {
     "instructkit": ("instructkit", []),
     "instructkit-packed": ("instructkit", ["data.packing=true"]),
     "instructkit-bf16": ("instructkit", ["model.precision=bf16"]),
+    "instructkit-grouped": ("instructkit", ["train.group_by_length=true"]),
+    "instructkit-compile": ("instructkit", ["train.compile=true", "train.group_by_length=true"]),
 }
-
-
-def matmul_peak(dtype_name: str, size: int = 2048, reps: int = 8) -> float:
-    """Measured TFLOP/s of a square matmul in the given dtype on this machine."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def model_flops(config, method: str, tokens: int, supervised: int, context: float) -> float:
-    """Training FLOPs that the model needs, the same formula for every variant: body matmuls
-    (forward 2N, backward 2N for activations, plus 2N for weight gradients when they are trained),
-    attention scores (causal, per token 2 x 2 x layers x hidden x context, forward and backward), and
-    the LM head only where a label is supervised (the rest of its output is unused)."""
-    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    body = layers * (h * h * 2 + h * kv * 2 + 3 * h * config.intermediate_size)
-    factor = 6 if method == "full" else 4
-    attention = 3 * 2 * 2 * layers * h * context / 2
-    return tokens * (factor * body + attention) + supervised * factor * h * vocab
 
 
 def rows(n: int) -> list[dict]:
@@ -222,9 +199,11 @@ def one(variant: str, method: str, steps: int, batch: int) -> dict:
     seconds = sum(r["seconds"] for r in timed)
     tokens, supervised = sum(r["tokens"] for r in timed), sum(r["supervised"] for r in timed)
     context = tokens / max(len(timed), 1) / max(batch, 1)
-    flops = model_flops(AutoConfig.from_pretrained(model_path), method, tokens, supervised, context)
+    flops = training_flops(AutoConfig.from_pretrained(model_path), method, tokens, supervised, context)
     losses = [r["loss"] for r in records if r["loss"] is not None]
-    return {"variant": variant, "method": method, "steps": len(records), "tokens_per_s": tokens / seconds,
+    precision = "bfloat16" if "model.precision=bf16" in overrides else "float32"
+    return {"variant": variant, "method": method, "precision": precision, "steps": len(records),
+            "tokens_per_s": tokens / seconds,
             "supervised_tokens_per_s": supervised / seconds, "s_per_step": statistics.median(r["seconds"] for r in timed),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "final_loss": losses[-1] if losses else None,
             "model_tflops_per_s": flops / seconds / 1e12}
@@ -238,10 +217,10 @@ def markdown(results: list[dict], peaks: dict, command: str) -> str:
         rows_ = [r for r in results if r["method"] == method]
         base = {r["variant"]: r for r in rows_}
         lines += [f"### {method}", "", "| variant | real tok/s | supervised tok/s | s/step | peak RSS MB | final loss "
-                  "| MFU fp32 | MFU bf16 | vs seed | vs trl | runs (tok/s) |", "|" + " --- |" * 11]
+                  "| MFU (own precision) | MFU vs best peak | vs seed | vs trl | runs (tok/s) |", "|" + " --- |" * 11]
         for r in rows_:
-            mfu32 = r["model_tflops_per_s"] / peaks["float32"]
-            mfu16 = r["model_tflops_per_s"] / peaks["bfloat16"]
+            mfu32 = r["model_tflops_per_s"] / peaks[r["precision"]]
+            mfu16 = r["model_tflops_per_s"] / max(peaks.values())
             ratio = lambda other: f"{r['tokens_per_s'] / base[other]['tokens_per_s']:.2f}x" if other in base else "-"  # noqa: E731
             loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
             lines.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['supervised_tokens_per_s']:.1f} | "
@@ -270,7 +249,7 @@ def main() -> None:
         variant, method = args.one.split(":")
         print("RESULT " + json.dumps(one(variant, method, args.steps, args.batch)), flush=True)
         return
-    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    peaks = {d: matmul_peak_tflops(d, size=2048, reps=8) for d in ("float32", "bfloat16")}
     results = []
     for method in args.methods.split(","):
         for variant in args.variants.split(","):

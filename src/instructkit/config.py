@@ -142,6 +142,9 @@ class TrainConfig(_Strict):
         "auto", description="auto: continue from the newest complete checkpoint in output_dir; "
         "false: never reuse a non-empty output_dir; or a checkpoint directory to resume from")
     dataloader_num_workers: int = Field(0, ge=0, description="worker processes that build batches")
+    group_by_length: bool = Field(
+        False, description="batch examples of similar length together (less padding; seeded, resumable)")
+    compile: bool = Field(False, description="torch.compile the decoder (minutes of compiling first; for long runs)")
     deterministic: bool = Field(
         False, description="torch.use_deterministic_algorithms and CUBLAS_WORKSPACE_CONFIG (slower on GPU)")
 

@@ -25,7 +25,8 @@ def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
 class SupervisedLoss(torch.nn.Module):
     """forward(input_ids, labels, [attention_mask], [position_ids]) -> summed loss (fp32 softmax)."""
 
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 1024):
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 1024, compile: bool = False,
+                 fast: bool | None = None):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
@@ -33,7 +34,12 @@ class SupervisedLoss(torch.nn.Module):
         cfg = getattr(lm, "config", None)
         plain = any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
         has_parts = hasattr(lm, "get_decoder") and hasattr(lm, "get_output_embeddings")
-        self.fast = has_parts and not plain and lm.get_output_embeddings() is not None
+        possible = has_parts and not plain and lm.get_output_embeddings() is not None
+        self.fast = possible if fast is None else (fast and possible)  # fast=False: the model's own forward
+        # Kept out of the module tree (no second name for the same parameters); dynamic shapes, so
+        # batches of other lengths do not recompile.
+        target = lm.get_decoder() if self.fast else model
+        self.__dict__["_run"] = torch.compile(target, dynamic=True) if compile else target
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -41,10 +47,10 @@ class SupervisedLoss(torch.nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE
         if not self.fast:
-            logits = self.model(**inputs, use_cache=False).logits
+            logits = self._run(**inputs, use_cache=False).logits
             return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+        hidden = self._run(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
         wanted = targets[keep]
         head = lm.get_output_embeddings()
         total = hidden.new_zeros((), dtype=torch.float32)

@@ -42,3 +42,54 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def matmul_peak_tflops(dtype_name: str = "float32", device: str = "cpu", size: int = 1024, reps: int = 6) -> float:
+    """TFLOP/s of a square matmul in `dtype_name` on `device`, measured now: the peak MFU is taken against."""
+    import time
+
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def training_flops(config, method: str, tokens: int, supervised: int, context: float) -> float:
+    """FLOPs a training step needs, counted the same way for any implementation: body matmuls
+    (forward 2N, backward 2N for activations, plus 2N for weight gradients when the weights train),
+    causal attention scores over the mean `context` length, and the LM head only where a label is
+    supervised (the rest of its output is never used)."""
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    body = layers * (h * h * 2 + h * kv * 2 + 3 * h * config.intermediate_size)
+    factor = 6 if method == "full" else 4
+    attention = 3 * 2 * 2 * layers * h * context / 2
+    return tokens * (factor * body + attention) + supervised * factor * h * vocab
+
+
+def device_stats(device) -> dict:
+    """Peak GPU memory (GiB) and, where nvidia-ml-py is installed, GPU utilisation (%)."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return {}
+    stats = {"gpu_mem_peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
+        stats["gpu_util_pct"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+    except Exception:  # noqa: BLE001 - utilisation is optional
+        pass
+    return stats

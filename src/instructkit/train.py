@@ -29,8 +29,8 @@ from instructkit.data.tokenize import IGNORE
 from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.env import device_summary, package_versions
 from instructkit.loss import SupervisedLoss, count_supervised
-from instructkit.metrics import MetricsLog
-from instructkit.models import (apply_lora, check_runtime, count_parameters, load_model, load_tokenizer,
+from instructkit.metrics import MetricsLog, device_stats, matmul_peak_tflops, training_flops
+from instructkit.models import (DTYPES, apply_lora, check_runtime, count_parameters, load_model, load_tokenizer,
                                 plan_loading, resolve_model)
 from instructkit.rundir import (claim_run_dir, git_commit, now, plan_run_dir, resume_history, write_config,
                                 write_json)
@@ -108,6 +108,8 @@ def optimizer_step(accelerator, loss_fn, optimizer, scheduler, group: list, max_
 
     n_supervised = sum(count_supervised(b) for b in group)
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in group)
+    sequences = sum(int((b["position_ids"] == 0).sum()) if "position_ids" in b else b["input_ids"].shape[0]
+                    for b in group)
     global_supervised = n_supervised
     if accelerator.num_processes > 1:
         global_supervised = accelerator.reduce(torch.tensor(n_supervised, device=accelerator.device), "sum").item()
@@ -129,7 +131,8 @@ def optimizer_step(accelerator, loss_fn, optimizer, scheduler, group: list, max_
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss_sum": summed, "supervised": n_supervised, "tokens": tokens, "grad_norm": grad_norm}
+    return {"loss_sum": summed, "supervised": n_supervised, "tokens": tokens, "sequences": sequences,
+            "grad_norm": grad_norm}
 
 
 def save_final(run_dir: Path, model, tokenizer, template) -> Path:
@@ -211,22 +214,29 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
         train_set, train_collate = data.train, partial(pad_batch, pad_id=tokenizer.pad_token_id)
     # The order is a function of (seed, epoch), so a resumed run continues it exactly; the loader's own
     # generator keeps worker seeding from drawing on the global RNG that dropout uses.
-    sampler = ResumableSampler(len(train_set), cfg.seed, accelerator.process_index, accelerator.num_processes)
+    lengths = [sum(len(e.input_ids) for e in item) if cfg.data.packing else len(item.input_ids) for item in train_set]
+    sampler = ResumableSampler(len(train_set), cfg.seed, accelerator.process_index, accelerator.num_processes,
+                               lengths if tc.group_by_length else None, tc.per_device_train_batch_size)
     train_loader = DataLoader(train_set, batch_size=tc.per_device_train_batch_size, sampler=sampler,
                               collate_fn=train_collate, num_workers=tc.dataloader_num_workers,
                               generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(data.eval, batch_size=tc.per_device_eval_batch_size,
                              collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id))
-    loss_fn, optimizer, eval_loader = accelerator.prepare(SupervisedLoss(model), optimizer, eval_loader)
+    loss_fn, optimizer, eval_loader = accelerator.prepare(SupervisedLoss(model, compile=tc.compile), optimizer,
+                                                          eval_loader)
     micro_per_epoch = math.ceil(sampler.per_process() / tc.per_device_train_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.gradient_accumulation_steps)
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
     scheduler = get_scheduler(tc.lr_scheduler_type, optimizer,
                               num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    peak = matmul_peak_tflops(DTYPES[plan.compute_precision], str(accelerator.device),
+                              size=4096 if accelerator.device.type == "cuda" else 1024)
+    flops_of = partial(_flops, (model.get_base_model() if hasattr(model, "get_base_model") else model).config,
+                       cfg.method)
     say(f"training: {total_steps} optimizer steps, {steps_per_epoch} per epoch; batch "
         f"{tc.per_device_train_batch_size} x accumulation {tc.gradient_accumulation_steps} x "
-        f"{accelerator.num_processes} process(es)")
+        f"{accelerator.num_processes} process(es); measured {plan.compute_precision} matmul peak {peak:.3f} TFLOP/s")
 
     # 4. Resume (after all setup, so nothing above shifts the restored RNG), then claim the directory.
     step, epoch, start_batch = 0, 0, 0
@@ -246,7 +256,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
         "method": cfg.method, "precision": plan.compute_precision, "attn_implementation": plan.attn_implementation,
         "parameters": {"trainable": trainable, "total": total}, "data_files": data.stats["data_files"],
         "data": data.stats, "total_steps": total_steps, "git_commit": git_commit(),
-        "resumed": resume_history(run_dir, plan_dir, step),
+        "resumed": resume_history(run_dir, plan_dir, step), "matmul_peak_tflops": peak,
     }
     log = None
     if main:
@@ -266,7 +276,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     # 5. The loop.
     loss_fn.train()
     last_loss = float("nan")
-    window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
+    window = new_window()
     # In a log file the per-step lines say the same as the bar, without its redraws.
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
                disable=not main or not sys.stderr.isatty(), dynamic_ncols=True)
@@ -284,7 +294,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                                          step + 1, plan.compute_precision)
                     step += 1
                     bar.update(1)
-                    for key in ("loss_sum", "supervised", "tokens"):
+                    for key in ("loss_sum", "supervised", "tokens", "sequences"):
                         window[key] += out[key]
                     at_epoch = epoch + done / micro_per_epoch
                     if step % tc.logging_steps == 0 or step == total_steps:
@@ -294,14 +304,17 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                                   "lr": scheduler.get_last_lr()[0],
                                   "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
                                   "tokens_per_s": round(window["tokens"] / elapsed, 1),
-                                  "supervised_tokens": window["supervised"], "elapsed_s": round(elapsed, 3)}
+                                  "supervised_tokens": window["supervised"], "elapsed_s": round(elapsed, 3),
+                                  "mfu": flops_of(window) and round(flops_of(window) / elapsed / 1e12 / peak, 4),
+                                  **device_stats(accelerator.device)}
                         if main:
                             log.log(record)
+                            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "?"
                             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                            tok_s=f"{record['tokens_per_s']:.0f}")
+                                            tok_s=f"{record['tokens_per_s']:.0f}", mfu=mfu)
                             bar.write(f"step {step}/{total_steps} epoch {at_epoch:.2f} loss {last_loss:.4f} "
-                                      f"lr {record['lr']:.2e} tokens/s {record['tokens_per_s']:.0f}")
-                        window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
+                                      f"lr {record['lr']:.2e} tokens/s {record['tokens_per_s']:.0f} MFU {mfu}")
+                        window = new_window()
                     if data.eval and tc.eval_steps and step % tc.eval_steps == 0:
                         _log_eval(log, bar, step, eval_loss(loss_fn, eval_loader, accelerator))
                     if tc.save_strategy == "steps" and step % tc.save_steps == 0 and step < total_steps:
@@ -336,6 +349,20 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
             write_json(run_dir / "manifest.json", manifest)
             log.close()
     return run_dir
+
+
+def new_window() -> dict:
+    """Counters of one logging window."""
+    return {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "sequences": 0, "start": time.perf_counter()}
+
+
+def _flops(config, method: str, window: dict) -> float | None:
+    """Model FLOPs of a logging window, or None for an architecture whose config lacks the sizes."""
+    try:
+        return training_flops(config, method, window["tokens"], window["supervised"],
+                              window["tokens"] / max(window["sequences"], 1))
+    except (AttributeError, TypeError):
+        return None
 
 
 def _log_eval(log, bar, step: int, loss: float) -> None:

@@ -54,3 +54,55 @@ def test_unknown_model_names(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         locate_model("nobody/no-such-model")
+
+
+def test_bf16_and_fp32_loss_curves_agree(tiny_config, tmp_path):
+    """bf16 autocast follows the fp32 loss curve within 0.05 (absolute, per-token mean loss) over 6 steps."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        config = tiny_config(model={"precision": precision}, output_dir=str(tmp_path / precision),
+                             train={"max_steps": 6, "learning_rate": 3e-3})
+        assert main(["train", str(config)]) == 0
+        curves[precision] = [m["loss"] for m in read_metrics(tmp_path / precision)]
+    assert max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"])) < 0.05, curves
+
+
+def test_metrics_carry_mfu(tiny_config):
+    config = tiny_config()
+    assert main(["train", str(config)]) == 0
+    records = read_metrics(config.parent / "run")
+    assert all(0 < m["mfu"] < 2 for m in records)
+    import json
+
+    assert json.loads((config.parent / "run/manifest.json").read_text())["matmul_peak_tflops"] > 0
+
+
+def test_fast_loss_path_follows_the_plain_path_over_50_steps(tiny_config, tmp_path, monkeypatch):
+    """Same data, same masking: supervised-only logits (default) vs full logits through the model's forward."""
+    import instructkit.train as tr
+    from instructkit.loss import SupervisedLoss
+
+    class PlainLoss(SupervisedLoss):
+        def __init__(self, model, **kwargs):
+            super().__init__(model, fast=False, **kwargs)
+
+    curves = {}
+    for name in ("fast", "plain"):
+        if name == "plain":
+            monkeypatch.setattr(tr, "SupervisedLoss", PlainLoss)
+        config = tiny_config(output_dir=str(tmp_path / name), train={"max_steps": 50, "learning_rate": 3e-3})
+        assert main(["train", str(config)]) == 0
+        curves[name] = [m["loss"] for m in read_metrics(tmp_path / name)]
+    assert len(curves["fast"]) == 50
+    assert max(abs(a - b) for a, b in zip(curves["fast"], curves["plain"])) < 1e-3
+    assert curves["fast"][-1] < curves["fast"][0]
+
+
+def test_compiled_training_matches_eager(tiny_config, tmp_path):
+    curves = {}
+    for compiled in (False, True):
+        config = tiny_config(output_dir=str(tmp_path / str(compiled)),
+                             train={"max_steps": 3, "compile": compiled, "group_by_length": True})
+        assert main(["train", str(config)]) == 0
+        curves[compiled] = [m["loss"] for m in read_metrics(tmp_path / str(compiled))]
+    assert max(abs(a - b) for a, b in zip(curves[False], curves[True])) < 1e-3, curves

@@ -39,3 +39,34 @@ def test_accuracy_table_per_task():
             {"task": "b", "reference": "q", "out": "q"}]
     table = accuracy_table(rows, "out")
     assert table == {"exact_match": 2 / 3, "n": 3, "per_task": {"a": 0.5, "b": 1.0}}
+
+
+def test_tied_embeddings_save_and_load_once_and_stay_tied(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from instructkit.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    trained = LlamaForCausalLM(cfg)
+    assert trained.lm_head.weight is trained.model.embed_tokens.weight
+    opt = torch.optim.AdamW(trained.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trained(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    path = save_checkpoint(tmp_path, 1, trained, opt, sched, {"step": 1}, keep=None)
+    assert verify_checkpoint(path) is None
+    from safetensors import safe_open
+
+    with safe_open(str(path / "trainable.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # the shared tensor once
+
+    torch.manual_seed(1)
+    fresh = LlamaForCausalLM(cfg)
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    load_checkpoint(path, fresh, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -96,11 +96,33 @@ def test_supervised_logits_path_equals_full_logits_in_loss_and_gradients(tiny_mo
     results = []
     for fast in (True, False):
         model = _model(tiny_model_dir)
-        loss = SupervisedLoss(model, chunk_tokens=chunk)
-        loss.fast = fast  # False: the full tokens x vocabulary logits through the model's own forward
+        loss = SupervisedLoss(model, chunk_tokens=chunk, fast=fast)  # False: full logits via the model's forward
+        assert loss.fast is fast
         value = loss(**pad_batch(examples, pad_id=0))
         value.backward()
         results.append((value.item(), [p.grad.clone() for p in model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for fast_grad, plain_grad in zip(results[0][1], results[1][1]):
         assert torch.allclose(fast_grad, plain_grad, atol=1e-6)
+
+
+def test_length_grouped_order_is_seeded_complete_and_less_padded():
+    from instructkit.data.sampler import ResumableSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 200) for _ in range(400)]
+    plain = ResumableSampler(400, seed=3, batch_size=8)
+    grouped = ResumableSampler(400, seed=3, lengths=lengths, batch_size=8)
+    for epoch in (0, 1):
+        plain.set_position(epoch)
+        grouped.set_position(epoch)
+        order = grouped.order()
+        assert sorted(order) == list(range(400)) and order == grouped.order()
+
+        def padding(o):
+            return sum(max(lengths[i] for i in o[k:k + 8]) * len(o[k:k + 8]) - sum(lengths[i] for i in o[k:k + 8])
+                       for k in range(0, len(o), 8))
+
+        assert padding(order) < 0.2 * padding(plain.order())
+    grouped.set_position(1, 16)
+    assert list(grouped) == grouped.order()[16:]  # resumes mid-epoch on the same batches

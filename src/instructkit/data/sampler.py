@@ -14,8 +14,12 @@ class ResumableSampler:
     runs out of batches before the others.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1):
+    GROUP = 50  # batches whose examples are sorted by length together when grouping by length
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1,
+                 lengths: list[int] | None = None, batch_size: int = 1):
         self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.lengths, self.batch_size = lengths, batch_size
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
@@ -31,7 +35,21 @@ class ResumableSampler:
         perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         total = self.per_process() * self.world
         perm += perm[: total - len(perm)]
-        return perm[self.rank::self.world]
+        mine = perm[self.rank::self.world]
+        return self._grouped(mine) if self.lengths is not None else mine
+
+    def _grouped(self, order: list[int]) -> list[int]:
+        """Batches of similar lengths (less padding): sort windows of GROUP batches by length, cut them
+        into batches, and shuffle the batches, all seeded by (seed, epoch)."""
+        import random
+
+        window = self.GROUP * self.batch_size
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        random.Random(self.seed * 1000003 + self.epoch).shuffle(batches)
+        return [i for batch in batches for i in batch]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order()[self.start:])

@@ -1,0 +1,27 @@
+"""The fast path's choices and accounting: measured precision choice, FLOP counts, MFU in the logs."""
+
+import pytest
+
+from instructkit import models
+from instructkit.metrics import training_flops
+
+
+@pytest.mark.parametrize("speedup,expected", [(2.0, "bf16"), (1.1, "fp32"), (0.5, "fp32")])
+def test_cpu_auto_precision_follows_the_measured_speedup(monkeypatch, speedup, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: speedup)
+    assert models.resolve_precision("auto") == expected
+    assert models.resolve_precision("fp32") == "fp32"
+
+
+def test_training_flops_by_hand():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(hidden_size=4, num_hidden_layers=1, vocab_size=10, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=8)
+    body = 4 * 4 * 2 + 4 * 2 * 2 + 3 * 4 * 8  # q,o + k,v (2 kv dims) + gate, up, down = 144
+    attention = 3 * 2 * 2 * 1 * 4 * 6 / 2  # context 6
+    assert training_flops(cfg, "lora", 10, 3, 6) == 10 * (4 * body + attention) + 3 * 4 * 4 * 10
+    assert training_flops(cfg, "full", 10, 3, 6) == 10 * (6 * body + attention) + 3 * 6 * 4 * 10
