@@ -32,6 +32,7 @@ demo: install
 	$(VENV)/bin/instructkit env
 	$(VENV)/bin/instructkit train configs/quickstart.yaml --overwrite
 	$(VENV)/bin/instructkit eval runs/quickstart --data examples/data/test.jsonl --baseline
+	$(VENV)/bin/instructkit report runs/quickstart
 
 test: install
 	$(PY) -m pytest

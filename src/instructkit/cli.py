@@ -22,8 +22,12 @@ def _cmd_train(args) -> int:
     from instructkit.config import load_config
     from instructkit.train import train
 
-    run_dir = train(load_config(args.config, args.overrides), overwrite=args.overwrite,
-                    allow_config_change=args.allow_config_change)
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    if cfg.eval.generate:
+        from instructkit.evaluate import evaluate_run, format_results
+
+        print(format_results(evaluate_run(run_dir, cfg)))
     print(f"run directory: {run_dir}")
     return EXIT_OK
 
@@ -102,6 +106,14 @@ def _cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args) -> int:
+    from instructkit.report import build_report
+
+    page, twin = build_report(args.run)
+    print(f"report: {page}\nmarkdown: {twin}")
+    return EXIT_OK
+
+
 def _cmd_env(args) -> int:
     from instructkit.env import collect, format_table, gpu_problem
 
@@ -171,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_pickle(p)
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("eval", help="exact-match evaluation, optionally against the base model")
+    p = sub.add_parser("eval", help="loss, perplexity, exact match and ROUGE-L, optionally against the base model")
     p.add_argument("run_or_model")
     p.add_argument("--data", required=True, help="rows with references (e.g. Alpaca with 'output')")
     p.add_argument("--baseline", action="store_true", help="also evaluate the base model before tuning")
@@ -180,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     _add_allow_pickle(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="HTML and Markdown report of a run: curves, before/after, samples")
+    p.add_argument("run")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")
     p.add_argument("--json", action="store_true", help="print JSON")

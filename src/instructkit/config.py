@@ -127,7 +127,8 @@ class TrainConfig(_Strict):
         "cosine", description="learning-rate schedule after warmup"
     )
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables")
-    optim: Literal["adamw_torch", "adamw_torch_fused"] = Field("adamw_torch", description="optimizer")
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = Field(
+        "adamw_torch", description="AdamW; fused kernels are used on CUDA either way, adamw_torch_fused asks for them on CPU too")
     logging_steps: int = Field(10, ge=1, description="optimizer steps between log lines")
     eval_steps: Union[int, None] = Field(
         None, ge=1, description="optimizer steps between eval-loss runs; null: at each epoch end"
@@ -149,6 +150,14 @@ class TrainConfig(_Strict):
         False, description="torch.use_deterministic_algorithms and CUBLAS_WORKSPACE_CONFIG (slower on GPU)")
 
 
+class EvalConfig(_Strict):
+    generate: bool = Field(
+        False, description="after training, generate for the eval data and score exact match and ROUGE-L")
+    baseline: bool = Field(True, description="with generate, also score the base model on the same prompts")
+    max_samples: int = Field(64, ge=1, description="eval rows scored after training")
+    max_new_tokens: int = Field(64, ge=1, description="tokens generated per eval row")
+
+
 class RunConfig(_Strict):
     run_name: str = Field("run", min_length=1, description="a name for the run")
     output_dir: Union[str, None] = Field(None, description="run directory; null: runs/RUN_NAME")
@@ -158,6 +167,7 @@ class RunConfig(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -168,6 +178,8 @@ class RunConfig(_Strict):
         has_eval = bool(self.data.eval_specs) or self.data.val_size > 0
         if self.data.eval_specs and self.data.val_size > 0:
             raise ValueError("set data.eval_file or data.val_size, not both")
+        if self.eval.generate and not has_eval:
+            raise ValueError("eval.generate needs eval data: set data.eval_file or data.val_size")
         if self.train.eval_steps is not None and not has_eval:
             raise ValueError("train.eval_steps is set but there is no eval data: set data.eval_file or data.val_size")
         return self

@@ -39,7 +39,8 @@ def config_differences(old: dict, new: dict) -> list[str]:
 RESULT_NEUTRAL = {"run_name", "output_dir", "train.logging_steps", "train.eval_steps", "train.save_strategy",
                   "train.save_steps", "train.save_total_limit", "train.report_to", "train.resume",
                   "train.per_device_eval_batch_size", "train.dataloader_num_workers", "data.num_proc",
-                  "data.cache", "data.eval_file", "data.on_bad_row", "data.max_bad_fraction"}
+                  "data.cache", "data.eval_file", "data.on_bad_row", "data.max_bad_fraction", "eval.generate",
+                  "eval.baseline", "eval.max_samples", "eval.max_new_tokens"}
 
 
 @dataclass

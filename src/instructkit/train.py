@@ -199,9 +199,11 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
         f"({100 * trainable / total:.2f}%)")
 
     # 3. Optimizer, data order, schedule.
+    if not cfg.model.load_in_4bit:  # on its device before the optimizer, so AdamW can be fused on CUDA
+        model.to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
-                                  fused=True if tc.optim == "adamw_torch_fused" else None)
+    fused = tc.optim == "adamw_torch_fused" or accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused or None)
     if cfg.data.packing:
         check_isolation(model, len(tokenizer), next(model.parameters()).device,
                         atol=1e-3 if plan.compute_precision == "fp32" else 5e-2)

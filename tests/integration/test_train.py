@@ -142,16 +142,64 @@ def test_chat_loop_keeps_history(tiny_config):
     assert "hello" in seen[1] and "again" in seen[1]  # second turn sees the first
 
 
-def test_eval_with_baseline_writes_files(tiny_config, tmp_path, capsys):
+def test_eval_with_baseline_writes_files_and_uses_identical_prompts(tiny_config, tmp_path, capsys, monkeypatch):
     config = tiny_config()
     assert main(["train", str(config)]) == 0
     run = run_dir_of(config)
     data = tmp_path / "test.jsonl"
     data.write_text('{"instruction": "Say yes.", "output": "yes", "task": "a"}\n'
                     '{"instruction": "Say no.", "output": "no", "task": "b"}\n')
+    import instructkit.evaluate as ev
+
+    seen, real_generate = [], ev.generate
+
+    def spy(loaded, prompts, **kwargs):
+        from instructkit.generate import prompt_example
+
+        seen.append([prompt_example(loaded, p).input_ids for p in prompts])
+        return real_generate(loaded, prompts, **kwargs)
+
+    monkeypatch.setattr(ev, "generate", spy)
     assert main(["eval", str(run), "--data", str(data), "--baseline", "--max-new-tokens", "3"]) == 0
-    assert "| **all** (n=2) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| exact_match |" in out and "| rouge_l |" in out and "| perplexity |" in out
+    assert len(seen) == 2 and seen[0] == seen[1]  # base and tuned saw the same prompt tokens
     results = json.loads((run / "eval/eval.json").read_text())
-    assert set(results) >= {"tuned", "base"} and set(results["tuned"]["per_task"]) == {"a", "b"}
+    for side in ("tuned", "base"):
+        assert set(results[side]) >= {"loss", "perplexity", "exact_match", "rouge_l", "per_task", "n"}
+        assert set(results[side]["per_task"]) == {"a", "b"}
+    assert results["difference"]["loss"] == pytest.approx(results["tuned"]["loss"] - results["base"]["loss"])
     predictions = [json.loads(x) for x in (run / "eval/predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 2 and all("base" in p and "tuned" in p for p in predictions)
+    assert len(predictions) == 2 and all({"prompt", "reference", "base", "tuned"} <= set(p) for p in predictions)
+
+
+def test_eval_generate_after_training_and_report(tiny_config, capsys):
+    import base64
+    import io
+    import re
+
+    config = tiny_config(data={"val_size": 2}, eval={"generate": True, "max_new_tokens": 3})
+    assert main(["train", str(config)]) == 0
+    assert "| exact_match |" in capsys.readouterr().out
+    run = run_dir_of(config)
+    assert json.loads((run / "eval/eval.json").read_text())["tuned"]["n"] == 2
+    assert main(["report", str(run)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    page = (run / "report/report.html").read_text()
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)">', page)
+    assert [alt for alt, _ in images] == ["Loss", "Throughput and MFU"]
+    import matplotlib.image
+
+    for _, data in images:
+        assert matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png").shape[2] in (3, 4)
+    assert "<h2>Before and after</h2>" in page and "exact_match" in page and "<h2>Sample generations</h2>" in page
+    markdown = (run / "report/report.md").read_text()
+    assert "![Loss](loss.png)" in markdown and (run / "report/loss.png").is_file() and "| metric | base |" in markdown
+
+
+def test_report_without_eval_says_how(tiny_config, capsys):
+    config = tiny_config()
+    assert main(["train", str(config)]) == 0
+    assert main(["report", str(run_dir_of(config))]) == 0
+    assert "No evaluation yet" in (run_dir_of(config) / "report/report.md").read_text()
+    assert main(["report", str(config.parent)]) == 2

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from instructkit.checkpoint import (COMPLETE, complete_checkpoints, optimizer_from_files, optimizer_to_files,
                                     prune_checkpoints, step_dir_name)
-from instructkit.evaluate import accuracy_table, exact_match, normalize
+from instructkit.evaluate import difference, exact_match, normalize, rouge_l, score
 
 
 def test_optimizer_state_round_trips_without_pickle():
@@ -34,11 +35,23 @@ def test_exact_match_normalisation():
     assert not exact_match("The sentiment is positive", "positive")
 
 
-def test_accuracy_table_per_task():
-    rows = [{"task": "a", "reference": "x", "out": "X"}, {"task": "a", "reference": "y", "out": "z"},
+def test_rouge_l_by_hand():
+    # LCS("the cat on the mat", "the cat sat on the mat") = 5 tokens: P = 5/5, R = 5/6, F = 2PR/(P+R)
+    assert rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(2 * (5 / 6) / (1 + 5 / 6))
+    assert rouge_l("positive", "positive") == 1.0 and rouge_l("negative", "positive") == 0.0
+
+
+def test_score_and_difference_per_task():
+    rows = [{"task": "a", "reference": "x y", "out": "X y"}, {"task": "a", "reference": "y", "out": "z"},
             {"task": "b", "reference": "q", "out": "q"}]
-    table = accuracy_table(rows, "out")
-    assert table == {"exact_match": 2 / 3, "n": 3, "per_task": {"a": 0.5, "b": 1.0}}
+    tuned = score(rows, "out", loss=0.5)
+    assert tuned["n"] == 3 and tuned["exact_match"] == pytest.approx(2 / 3) and tuned["rouge_l"] == pytest.approx(2 / 3)
+    assert tuned["perplexity"] == pytest.approx(1.6487212707)
+    assert tuned["per_task"] == {"a": {"n": 2, "exact_match": 0.5, "rouge_l": 0.5}, "b": {"n": 1, "exact_match": 1.0,
+                                                                                        "rouge_l": 1.0}}
+    base = score([{**r, "out": "nothing"} for r in rows], "out", loss=1.0)
+    diff = difference(tuned, base)
+    assert diff["loss"] == -0.5 and diff["per_task"]["b"]["exact_match"] == 1.0
 
 
 def test_tied_embeddings_save_and_load_once_and_stay_tied(tmp_path):

@@ -1,0 +1,168 @@
+"""`instructkit report RUN`: one page that says whether tuning worked.
+
+A self-contained HTML file (plots embedded as PNG data) and a Markdown twin (plots beside it) with the
+config summary, train and eval loss curves, throughput and MFU over time, the before/after metric
+table, and sample generations side by side. It only reads the run directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import yaml
+
+from instructkit.errors import user_error
+from instructkit.metrics import read_metrics
+
+SAMPLES = 6
+
+
+def _plot_losses(records: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.plot(*zip(*train), label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per supervised token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _plot_throughput(records: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r["tokens_per_s"], r.get("mfu")) for r in records if "tokens_per_s" in r]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    steps, speed, mfu = zip(*points)
+    ax.plot(steps, speed, color="#2ca02c", label="tokens/s")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("real tokens/s")
+    if any(m is not None for m in mfu):
+        twin = ax.twinx()
+        twin.plot(steps, [100 * (m or 0) for m in mfu], color="#9467bd", linestyle="--", label="MFU %")
+        twin.set_ylabel("MFU (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _summary(run_dir: Path) -> list[tuple[str, str]]:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    tc = cfg["train"]
+    params = manifest.get("parameters", {})
+    rows = [("run", f"{cfg['run_name']} ({manifest.get('status', '?')})"),
+            ("model", f"{cfg['model']['name_or_path']} ({cfg['method']}, {manifest.get('precision', '?')})"),
+            ("trainable parameters", f"{params.get('trainable', 0):,} of {params.get('total', 0):,}"),
+            ("data", f"{cfg['data']['train_file']} (template {manifest.get('data', {}).get('template', '?')})"),
+            ("batch", f"{tc['per_device_train_batch_size']} x accumulation {tc['gradient_accumulation_steps']}"),
+            ("learning rate", f"{tc['learning_rate']} ({tc['lr_scheduler_type']}, warmup {tc['warmup_ratio']})"),
+            ("steps", str(manifest.get("total_steps", "?"))),
+            ("time", f"{manifest.get('start_time', '?')} to {manifest.get('end_time', '?')}"),
+            ("device", str(manifest.get("device", "?")))]
+    if cfg["method"] == "lora":
+        rows.insert(3, ("LoRA", f"r {cfg['lora']['r']}, alpha {cfg['lora']['alpha']}, {cfg['lora']['target_modules']}"))
+    return rows
+
+
+def _metric_rows(results: dict) -> list[list[str]]:
+    tuned, base = results["tuned"], results.get("base")
+    rows = []
+    for m, fmt, diff in (("loss", "{:.4f}", "{:+.4f}"), ("perplexity", "{:.3f}", "{:+.3f}"),
+                         ("exact_match", "{:.1%}", "{:+.1f} pts"), ("rouge_l", "{:.1%}", "{:+.1f} pts")):
+        change = (tuned[m] - base[m]) * (100 if "pts" in diff else 1) if base else None
+        rows.append([m, fmt.format(base[m]) if base else "-", fmt.format(tuned[m]),
+                     diff.format(change) if base else "-"])
+    for task, t in tuned["per_task"].items():
+        b = base["per_task"][task] if base else None
+        rows.append([f"exact match: {task}", f"{b['exact_match']:.1%}" if b else "-", f"{t['exact_match']:.1%}",
+                     f"{100 * (t['exact_match'] - b['exact_match']):+.1f} pts" if b else "-"])
+    return rows
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    clean = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+                     + ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows])
+
+
+def build_report(run: str | Path) -> tuple[Path, Path]:
+    """Write RUN/report/report.html and report.md (with its PNGs); returns their paths."""
+    run_dir = Path(run)
+    if not ((run_dir / "config.yaml").is_file() and (run_dir / "manifest.json").is_file()):
+        raise user_error(f"{run_dir} is not a run directory (it needs config.yaml and manifest.json)", str(run_dir),
+                         "pass the output_dir of a run, e.g. runs/NAME")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    records = read_metrics(run_dir)
+    plots = [(name, title) for name, title, draw in (("loss.png", "Loss", _plot_losses),
+                                                     ("throughput.png", "Throughput and MFU", _plot_throughput))
+             if draw(records, out / name)]
+    summary = [[k, v] for k, v in _summary(run_dir)]
+    eval_path = run_dir / "eval/eval.json"
+    results = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    predictions = []
+    if (run_dir / "eval/predictions.jsonl").is_file():
+        predictions = [json.loads(x) for x in (run_dir / "eval/predictions.jsonl").read_text().splitlines()][:SAMPLES]
+    samples = [[p["prompt"] + (f"\n{p['input']}" if p.get("input") else ""), p["reference"], p.get("base") or "-",
+                p["tuned"]] for p in predictions]
+    no_eval = (f"No evaluation yet: run `instructkit eval {run_dir} --data FILE --baseline`, "
+               "or set eval.generate: true.")
+    title = f"instructkit report: {summary[0][1]}"
+
+    md = [f"# {title}", "", _md_table(["", ""], summary), ""]
+    page = [f"<h1>{html.escape(title)}</h1>", _html_table(["", ""], summary)]
+    for name, heading in plots:
+        data = base64.b64encode((out / name).read_bytes()).decode()
+        md += [f"## {heading}", "", f"![{heading}]({name})", ""]
+        page += [f"<h2>{heading}</h2>", f'<img alt="{heading}" src="data:image/png;base64,{data}">']
+    md.append("## Before and after")
+    page.append("<h2>Before and after</h2>")
+    if results:
+        header = ["metric", "base", "tuned", "difference"]
+        md += ["", f"{results['tuned']['n']} rows of {results.get('data', '')}", "", _md_table(header, _metric_rows(results)), ""]
+        page += [f"<p>{results['tuned']['n']} rows of {html.escape(str(results.get('data', '')))}</p>",
+                 _html_table(header, _metric_rows(results))]
+    else:
+        md += ["", no_eval, ""]
+        page.append(f"<p>{html.escape(no_eval)}</p>")
+    if samples:
+        header = ["prompt", "reference", "base", "tuned"]
+        md += ["## Sample generations", "", _md_table(header, samples), ""]
+        page += ["<h2>Sample generations</h2>", _html_table(header, samples)]
+    style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+             "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
+             "text-align:left;vertical-align:top;white-space:pre-wrap}img{max-width:100%}")
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                                     f"</title><style>{style}</style></head><body>{''.join(page)}</body></html>\n")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out / "report.html", out / "report.md"
