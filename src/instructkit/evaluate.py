@@ -11,6 +11,7 @@ import json
 import math
 import re
 import string
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def supervised_loss(loaded: Loaded, conversations: list[Conversation], batch_siz
     device = next(loaded.model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in tqdm(range(0, len(examples), batch_size), desc="eval loss", unit="batch", leave=False):
+        for start in tqdm(range(0, len(examples), batch_size), desc="eval loss", unit="batch", leave=False,
+                          disable=not sys.stderr.isatty()):
             batch = pad_batch(examples[start:start + batch_size], loaded.tokenizer.pad_token_id)
             count += count_supervised(batch)
             total += float(loss_fn(**{k: v.to(device) for k, v in batch.items()}))

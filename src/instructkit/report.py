@@ -55,13 +55,14 @@ def _plot_throughput(records: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     steps, speed, mfu = zip(*points)
-    ax.plot(steps, speed, color="#2ca02c", label="tokens/s")
+    lines = ax.plot(steps, speed, color="#2ca02c", label="real tokens/s")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("real tokens/s")
     if any(m is not None for m in mfu):
         twin = ax.twinx()
-        twin.plot(steps, [100 * (m or 0) for m in mfu], color="#9467bd", linestyle="--", label="MFU %")
+        lines += twin.plot(steps, [100 * (m or 0) for m in mfu], color="#9467bd", linestyle="--", label="MFU (%)")
         twin.set_ylabel("MFU (%)")
+    ax.legend(lines, [line.get_label() for line in lines], loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -26,12 +26,16 @@ def test_readme_opens_with_the_two_setup_commands():
     assert re.findall(r"^make (\w+)", setup, re.M) == ["demo", "test"]
 
 
-def test_python_api_names_are_the_functions():
-    import instructkit
-    import instructkit.generate  # noqa: F401 - importing the submodule must not shadow the function
+def test_python_api_names_are_the_functions_and_modules_stay_modules():
+    import importlib
+    import types
 
-    from instructkit import evaluate, generate, load_config, train
+    from instructkit.api import build_report, evaluate, generate, load_config, load_for_inference, train
 
-    assert all(callable(f) and not hasattr(f, "__path__") and type(f).__name__ == "function"
-               for f in (generate, train, evaluate, load_config))
-    assert instructkit.generate is generate
+    assert all(isinstance(f, types.FunctionType) for f in (build_report, evaluate, generate, load_config,
+                                                            load_for_inference, train))
+    for name in ("train", "generate", "evaluate"):
+        module = importlib.import_module(f"instructkit.{name}")
+        import instructkit
+
+        assert getattr(instructkit, name) is module  # `import instructkit.train as tr` is the module
