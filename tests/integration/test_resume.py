@@ -195,3 +195,23 @@ def test_same_seed_gives_identical_loss_curves(tiny_config, tmp_path):
         assert main(["train", str(config)]) == 0
         curves.append([m["loss"] for m in read_metrics(tmp_path / name)])
     assert curves[0] == curves[1]
+
+
+def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_config, tmp_path):
+    from instructkit.checkpoint import complete_checkpoints, verify_checkpoint
+
+    run = tmp_path / "run"
+    config = resumable_config(tiny_config, run, max_steps=50)
+    proc = start(config, delay=1.0)
+    wait_for_steps(run, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # the first asks for a checkpoint after this step; the second must not wait for it
+    proc.send_signal(signal.SIGINT)
+    code, out = finish(proc)
+    assert code == 130, out
+    assert "send it again to stop at once" in out
+    checkpoints = complete_checkpoints(run / "checkpoints")
+    assert checkpoints and all(verify_checkpoint(p) is None for p in checkpoints)
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+    code, out = finish(start(config, "train.max_steps=4", "--allow-config-change"))  # resumes from what was kept
+    assert code == 0 and "resumed from" in out, out
