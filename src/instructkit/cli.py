@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 
 from instructkit.errors import TrainingInterrupted, UserError
@@ -216,6 +217,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _stopping(as_process: bool) -> None:
+    """The process is already stopping on a signal: one more Ctrl-C while it exits (interpreter
+    shutdown included) must not turn exit code 130 into death by SIGINT. Only when main() is the
+    process entry point (argv None): a caller in the same process keeps its own handlers."""
+    if as_process and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -227,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        _stopping(argv is None)
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingInterrupted as exc:
+        _stopping(argv is None)
         print(str(exc), file=sys.stderr)
         return EXIT_INTERRUPTED if exc.signum == signal.SIGINT else 128 + exc.signum
     except Exception as exc:  # noqa: BLE001 - the one place internal failures become exit code 1

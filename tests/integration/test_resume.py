@@ -44,7 +44,7 @@ if spec:
         return original(tensors, filename, *args, **kwargs)
     st.save_file = save_file
 from instructkit.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main())
 """
 STEPS = 6
 
@@ -202,8 +202,9 @@ def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_config, 
 
     run = tmp_path / "run"
     config = resumable_config(tiny_config, run, max_steps=50)
-    proc = start(config, delay=1.0)
+    proc = start(config, delay=2.0)
     wait_for_steps(run, 2, proc)
+    time.sleep(0.3)  # into the 2 s pause of step 3, so both signals land before its checkpoint
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)  # the first asks for a checkpoint after this step; the second must not wait for it
     proc.send_signal(signal.SIGINT)
@@ -215,3 +216,19 @@ def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_config, 
     assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
     code, out = finish(start(config, "train.max_steps=4", "--allow-config-change"))  # resumes from what was kept
     assert code == 0 and "resumed from" in out, out
+
+
+def test_a_burst_of_signals_still_exits_130(tiny_config, tmp_path):
+    """Ctrl-C hammered while the run checkpoints, reports and shuts down: wherever each lands,
+    the exit code is 130 (never death by SIGINT) and every complete checkpoint verifies."""
+    from instructkit.checkpoint import complete_checkpoints, verify_checkpoint
+
+    run = tmp_path / "run"
+    proc = start(resumable_config(tiny_config, run, max_steps=50), delay=0.05)
+    wait_for_steps(run, 2, proc)
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    code, out = finish(proc)
+    assert code == 130, out
+    assert all(verify_checkpoint(p) is None for p in complete_checkpoints(run / "checkpoints"))
