@@ -4,6 +4,10 @@ A checkpoint holds everything that decides the rest of the run: the trainable we
 or the whole model), optimizer and scheduler state, the RNG states (python, numpy, torch CPU and
 CUDA) and the data position. Tensors are safetensors and everything else JSON, so loading a
 checkpoint never unpickles anything.
+
+With several processes, parameters and optimizer state are either gathered into full tensors that
+rank 0 writes, or (FSDP, `fsdp_state_dict: sharded`) written by each rank as its own shard; the RNG
+states of all ranks are gathered into rank 0's files either way.
 """
 
 from __future__ import annotations
@@ -13,14 +17,66 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from instructkit.errors import user_error
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
-FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.json",
-         "rng.safetensors", "state.json")
+SHARED_FILES = ("optimizer.json", "scheduler.json", "rng.json", "rng.safetensors", "state.json")
+RANK_FILES = ("trainable", "optimizer")  # .safetensors, or .rankNNNNN.safetensors when sharded
+
+
+@dataclass
+class Ranks:
+    """The processes that write and read a checkpoint together (one, unless launched distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    sharded: bool = False  # each rank stores its own shard of (FSDP) parameters and optimizer state
+    barrier: Callable[[], None] = lambda: None
+    gather: Callable[[Any], list] = lambda obj: [obj]  # every rank's object, on every rank
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _rank_file(stem: str, rank: int, sharded: bool) -> str:
+    return f"{stem}.rank{rank:05d}.safetensors" if sharded else f"{stem}.safetensors"
+
+
+def _is_dtensor(tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+def _export(tensor, sharded: bool):
+    """A tensor as stored: this rank's shard, or the full tensor (gathering is collective: every rank
+    calls this for the same tensors in the same order)."""
+    if _is_dtensor(tensor):
+        tensor = tensor.to_local() if sharded else tensor.full_tensor()
+    return tensor.detach().contiguous().cpu()
+
+
+def export_state(state: dict, sharded: bool = False) -> dict:
+    """A state dict with every tensor stored as `_export` stores it (collective under FSDP when full)."""
+    return {k: _export(v, sharded) for k, v in state.items()}
+
+
+def _import(saved, like, sharded: bool):
+    """A stored tensor in the form of `like`: a plain tensor, or a DTensor placed like it (each rank
+    takes its own part of a full tensor locally, without communication)."""
+    if not _is_dtensor(like):
+        return saved
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    saved = saved.to(like.device)
+    if sharded:
+        return DTensor.from_local(saved, like.device_mesh, like.placements, run_check=False,
+                                  shape=like.shape, stride=like.stride())
+    return distribute_tensor(saved, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def step_dir_name(step: int) -> str:
@@ -34,7 +90,7 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def optimizer_to_files(state: dict) -> tuple[dict, dict]:
+def optimizer_to_files(state: dict, sharded: bool = False) -> tuple[dict, dict]:
     """Split an optimizer state dict into flat tensors (safetensors) and a JSON-able remainder."""
     import torch
 
@@ -42,7 +98,7 @@ def optimizer_to_files(state: dict) -> tuple[dict, dict]:
     for index, per_param in state["state"].items():
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{index}.{key}"] = _export(value, sharded)
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -71,10 +127,16 @@ def rng_to_files() -> tuple[dict, dict]:
     return tensors, meta
 
 
-def restore_rng(tensors: dict, meta: dict) -> None:
+def restore_rng(tensors: dict, meta: dict, rank: int = 0) -> None:
+    """This rank's RNG states from a checkpoint's gathered ones (a rank the checkpoint did not have, after
+    a permitted change of world size, keeps its fresh seeding)."""
     import numpy as np
     import torch
 
+    if rank >= len(meta["ranks"]):
+        return
+    meta = meta["ranks"][rank]
+    tensors = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(rank)}
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
@@ -85,33 +147,46 @@ def restore_rng(tensors: dict, meta: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def trainable_state(model) -> dict:
-    """The parameters that training changes (shared/tied ones once), detached on CPU."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model, sharded: bool = False) -> dict:
+    """The parameters that training changes (shared/tied ones once), detached on CPU: full tensors
+    (collective under FSDP), or this rank's shards."""
+    return {n: _export(p, sharded) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, run_state: dict,
-                    keep: int | None) -> Path:
+                    keep: int | None, ranks: Ranks | None = None) -> Path | None:
     """Write one complete checkpoint atomically, then prune old ones (never the newest complete).
+    Every rank calls it; rank 0 renames it into place and returns its path (others get None).
 
     A full disk or an unwritable directory leaves every earlier checkpoint as it was and raises a
     UserError that says so."""
     from safetensors.torch import save_file
 
+    ranks = ranks or Ranks()
     root = run_dir / "checkpoints"
     final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
+    weights = trainable_state(model, ranks.sharded)
+    tensors, meta = optimizer_to_files(optimizer.state_dict(), ranks.sharded)
+    rng = ranks.gather(rng_to_files())
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        tensors, meta = optimizer_to_files(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=lambda o: None))
-        rng_tensors, rng_meta = rng_to_files()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        (tmp / "rng.json").write_text(json.dumps(rng_meta))
-        (tmp / "state.json").write_text(json.dumps(run_state, indent=2))
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        ranks.barrier()
+        if ranks.main or ranks.sharded:
+            save_file(weights, str(tmp / _rank_file("trainable", ranks.rank, ranks.sharded)))
+            save_file(tensors, str(tmp / _rank_file("optimizer", ranks.rank, ranks.sharded)))
+        if ranks.main:
+            (tmp / "optimizer.json").write_text(json.dumps(meta))
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=lambda o: None))
+            save_file({f"{r}.{k}": v for r, (t, _) in enumerate(rng) for k, v in t.items()},
+                      str(tmp / "rng.safetensors"))
+            (tmp / "rng.json").write_text(json.dumps({"ranks": [m for _, m in rng]}))
+            (tmp / "state.json").write_text(json.dumps(
+                {**run_state, "world_size": ranks.world, "sharded": ranks.sharded}, indent=2))
+        ranks.barrier()
+        if not ranks.main:
+            return None
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -146,7 +221,13 @@ def verify_checkpoint(path: Path) -> str | None:
 
     if not (path / COMPLETE).is_file():
         return "it has no COMPLETE marker (it was being written when the run stopped)"
-    for name in FILES:
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"state.json is unreadable ({type(exc).__name__})"
+    sharded, world = bool(state.get("sharded")), int(state.get("world_size", 1))
+    rank_files = [_rank_file(stem, r, sharded) for stem in RANK_FILES for r in range(world if sharded else 1)]
+    for name in [*rank_files, *SHARED_FILES]:
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -176,12 +257,15 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
     return None, warnings
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; returns its run state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint (into plain or
+    FSDP-sharded parameters); returns its run state."""
     import torch
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "trainable.safetensors"))
+    state = json.loads((path / "state.json").read_text())
+    sharded = bool(state.get("sharded"))
+    weights = load_file(str(path / _rank_file("trainable", rank, sharded)))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or set(weights) - set(params):
@@ -190,12 +274,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
                          "resume with the model and method the checkpoint was trained with")
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
-                                                   json.loads((path / "optimizer.json").read_text())))
+            params[name].copy_(_import(tensor, params[name], sharded))
+    opt_state = optimizer_from_files(load_file(str(path / _rank_file("optimizer", rank, sharded))),
+                                     json.loads((path / "optimizer.json").read_text()))
+    by_index = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, per_param in opt_state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # moments, shaped like their parameter
+                per_param[key] = _import(value, by_index[index], sharded)
+    optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    restore_rng(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
-    return json.loads((path / "state.json").read_text())
+    restore_rng(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()), rank)
+    return state
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

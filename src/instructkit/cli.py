@@ -19,18 +19,40 @@ from instructkit.errors import TrainingInterrupted, UserError
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+
 def _cmd_train(args) -> int:
     from instructkit.config import load_config
     from instructkit.train import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.nproc:
+        return _launch_train(args, cfg)
     run_dir = train(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    if int(os.environ.get("RANK", "0")) != 0:  # one process of several: rank 0 reports
+        return EXIT_OK
     if cfg.eval.generate:
         from instructkit.evaluate import evaluate_run, format_results
 
         print(format_results(evaluate_run(run_dir, cfg)))
     print(f"run directory: {run_dir}")
     return EXIT_OK
+
+
+def _launch_train(args, cfg) -> int:
+    """`train --nproc N`: check what can be checked here (exit 2 at once), then run torchrun."""
+    import torch
+
+    from instructkit.distributed import check_distributed, launch, launch_command
+    from instructkit.models import check_runtime
+
+    check_runtime(cfg.model)
+    check_distributed(cfg, torch.cuda.is_available())
+    passthrough = [*args.overrides, *(["--overwrite"] if args.overwrite else []),
+                   *(["--allow-config-change"] if args.allow_config_change else [])]
+    command = launch_command(args.config, (["--debug"] if args.debug else []), passthrough, args.nproc, args.nnodes,
+                             args.node_rank, args.master_addr, args.master_port)
+    print(f"launching: {' '.join(command)}", flush=True)
+    return launch(command, args.nproc, args.node_rank)
 
 
 def _cmd_validate(args) -> int:
@@ -149,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though result-changing config keys differ from the checkpoint's run")
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="launch N processes on this node through torchrun (one per GPU; gloo on CPUs)")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M", help="with --nproc: machines in the job")
+    p.add_argument("--node-rank", type=int, default=0, metavar="R", help="with --nproc: this machine's index, 0..M-1")
+    p.add_argument("--master-addr", default="127.0.0.1", metavar="A",
+                   help="with --nproc: address of the node with --node-rank 0, reachable from every node")
+    p.add_argument("--master-port", type=int, default=29500, metavar="P", help="with --nproc: a free TCP port there")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a config, its data files and its model without training")
@@ -229,6 +258,15 @@ def _stopping(as_process: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    code = _run(args, argv)
+    if os.environ.get("INSTRUCTKIT_EXIT_DIR"):  # a worker of `train --nproc`: tell the launcher how it ended
+        from instructkit.distributed import record_exit
+
+        record_exit(code)
+    return code
+
+
+def _run(args, argv: list[str] | None) -> int:
     try:
         return args.func(args)
     except UserError as exc:

@@ -148,6 +148,22 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the decoder (minutes of compiling first; for long runs)")
     deterministic: bool = Field(
         False, description="torch.use_deterministic_algorithms and CUBLAS_WORKSPACE_CONFIG (slower on GPU)")
+    ddp_timeout: int = Field(
+        1800, ge=10, description="seconds a collective (all-reduce, barrier) may wait for the other processes")
+
+
+class DistributedConfig(_Strict):
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="auto: ddp when launched on several processes; fsdp: FSDP2 sharding; "
+        "deepspeed: ZeRO through accelerate (CUDA only). `distributed: fsdp` is short for this key")
+    fsdp_sharding: Literal["full", "hybrid"] = Field(
+        "full", description="full: shard over all processes; hybrid: shard within a node, replicate across nodes")
+    fsdp_cpu_offload: bool = Field(False, description="keep sharded parameters and optimizer state in CPU memory")
+    fsdp_state_dict: Literal["full", "sharded"] = Field(
+        "full", description="checkpoints: full (gathered on rank 0) or sharded (one file per rank, same world "
+        "size to resume); final/ is always a full, loadable model")
+    deepspeed_config: str = Field(
+        "zero2", description="builtin zero2 | zero3 | zero3-offload, or the path of a DeepSpeed JSON config")
 
 
 class EvalConfig(_Strict):
@@ -168,6 +184,14 @@ class RunConfig(_Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distributed_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("distributed"), str):
+            data = {**data, "distributed": {"strategy": data["distributed"]}}
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -182,6 +206,12 @@ class RunConfig(_Strict):
             raise ValueError("eval.generate needs eval data: set data.eval_file or data.val_size")
         if self.train.eval_steps is not None and not has_eval:
             raise ValueError("train.eval_steps is set but there is no eval data: set data.eval_file or data.val_size")
+        if self.distributed.strategy == "deepspeed" and self.train.save_strategy != "no":
+            raise ValueError("distributed: deepspeed keeps its optimizer state inside DeepSpeed, which instructkit's "
+                             "safetensors checkpoints cannot hold: set train.save_strategy: no, or use distributed: "
+                             "fsdp (sharding like ZeRO-3, with resumable checkpoints)")
+        if self.distributed.strategy == "fsdp" and self.model.load_in_4bit:
+            raise ValueError("distributed: fsdp with model.load_in_4bit is not supported: use ddp for QLoRA")
         return self
 
 

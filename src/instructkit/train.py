@@ -8,13 +8,13 @@ processes, so it does not depend on how the tokens were split into batches.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +25,9 @@ from instructkit.data.pipeline import build_datasets, describe_data
 from instructkit.data.sampler import ResumableSampler
 from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
 from instructkit.data.templates import stop_token_ids
-from instructkit.data.tokenize import IGNORE
+from instructkit.distributed import (agreed_signal, check_distributed, check_resume_world, env_world_size,
+                                     eval_shard, full_weights, make_accelerator, no_sync, ranks_of, resolve_strategy,
+                                     shard_fsdp)
 from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.env import device_summary, package_versions
 from instructkit.loss import SupervisedLoss, count_supervised
@@ -63,18 +65,6 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def make_accelerator(mixed_precision: str):
-    """An Accelerator for this run. accelerate keeps one AcceleratorState per process; a second
-    `train()` in the same process (a notebook) may need another precision, so the earlier state is
-    dropped. PartialState, which holds the distributed process group, is kept."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state:  # no public API for this; used only when a previous run left state
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
-
-
 def loss_sum(loss_fn: SupervisedLoss, batch: dict):
     """Summed loss of one micro-batch: the single place the model is called while training."""
     return loss_fn(**batch)
@@ -100,10 +90,11 @@ def eval_loss(loss_fn, loader, accelerator) -> float:
 
 
 def optimizer_step(accelerator, loss_fn, optimizer, scheduler, group: list, max_grad_norm: float, step: int = 0,
-                   precision: str = "fp32") -> dict:
-    """One optimizer step over a group of micro-batches (collated on the CPU); returns summed loss and
-    token counts. Counts come from the CPU copies, so the step syncs with the device once: to stop on
-    a NaN or infinite loss before the optimizer touches the weights (no checkpoint can hold them)."""
+                   precision: str = "fp32", strategy: str = "single", accumulation: int = 1) -> dict:
+    """One optimizer step over a group of micro-batches (collated on the CPU); returns the loss and
+    token counts summed over all processes. Counts come from the CPU copies, so the step syncs with the
+    device once: to stop on a NaN or infinite loss (on any process) before the optimizer touches the
+    weights (no checkpoint can hold them)."""
     import torch
 
     n_supervised = sum(count_supervised(b) for b in group)
@@ -113,21 +104,33 @@ def optimizer_step(accelerator, loss_fn, optimizer, scheduler, group: list, max_
     global_supervised = n_supervised
     if accelerator.num_processes > 1:
         global_supervised = accelerator.reduce(torch.tensor(n_supervised, device=accelerator.device), "sum").item()
-    # DDP averages gradients over processes; multiplying back gives the mean over all tokens.
-    scale = accelerator.num_processes / max(global_supervised, 1)
+    # DDP and FSDP average gradients over processes; multiplying back gives the mean over all tokens.
+    # DeepSpeed also divides by its accumulation steps, so that is multiplied back too.
+    scale = accelerator.num_processes / max(global_supervised, 1) * (accumulation if strategy == "deepspeed" else 1)
     summed = torch.zeros((), dtype=torch.float32, device=accelerator.device)
     for i, batch in enumerate(group):
-        with nullcontext() if i == len(group) - 1 else accelerator.no_sync(loss_fn):
+        last = i == len(group) - 1
+        if strategy == "deepspeed":
+            loss_fn.set_gradient_accumulation_boundary(last)
+        with no_sync(loss_fn, skip=not last and strategy in ("ddp", "fsdp")):
             loss = loss_sum(loss_fn, to_device(batch, accelerator.device))
             accelerator.backward(loss * scale)
         summed += loss.detach()
-    summed = summed.item()
+    if accelerator.num_processes > 1:
+        totals = torch.tensor([summed.item(), n_supervised, tokens, sequences], dtype=torch.float64,
+                              device=accelerator.device)
+        totals = accelerator.reduce(totals, "sum").tolist()
+        summed, n_supervised, tokens, sequences = totals[0], int(totals[1]), int(totals[2]), int(totals[3])
+    else:
+        summed = summed.item()
     if not math.isfinite(summed):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDiverged(step, summed, scheduler.get_last_lr()[0], precision)
     grad_norm = None
     if max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -135,9 +138,10 @@ def optimizer_step(accelerator, loss_fn, optimizer, scheduler, group: list, max_
             "grad_norm": grad_norm}
 
 
-def save_final(run_dir: Path, model, tokenizer, template) -> Path:
+def save_final(run_dir: Path, model, tokenizer, template, state_dict: dict | None = None) -> Path:
     """final/: the adapter (PEFT) or full model (safetensors), the tokenizer carrying the template used
-    in training as its chat template, and a generation config that stops at the end-of-turn token."""
+    in training as its chat template, and a generation config that stops at the end-of-turn token.
+    `state_dict`: the full weights, where the model itself holds only shards."""
     import os
     import shutil
 
@@ -145,7 +149,7 @@ def save_final(run_dir: Path, model, tokenizer, template) -> Path:
 
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.chat_template = template.source
     tokenizer.save_pretrained(tmp)
     GenerationConfig(eos_token_id=stop_token_ids(tokenizer, template), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -172,9 +176,12 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    check_distributed(cfg, torch.cuda.is_available())
     plan = plan_loading(cfg.model, cfg.method, training=True)
-    accelerator = make_accelerator(MIXED_PRECISION[plan.compute_precision])
+    strategy = resolve_strategy(cfg.distributed, env_world_size())
+    accelerator = make_accelerator(MIXED_PRECISION[plan.compute_precision], strategy, cfg)
     say, main = accelerator.print, accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
     for note in plan_dir.notes:
         say(f"note: {note}")
     set_seed(cfg.seed)
@@ -182,8 +189,9 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     # 1. Tokenizer and data: every bad row is reported before a model is loaded.
     model_path = resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
-    with accelerator.main_process_first():  # rank 0 tokenizes and fills the cache; the others read it
-        data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    # One process tokenizes and fills the cache while the others wait on its file lock, not on a
+    # collective, so a long tokenization cannot trip train.ddp_timeout.
+    data = build_datasets(cfg.data, tokenizer, cfg.seed)
     say(describe_data(data, cfg.data.max_length))
 
     # 2. Model: precision, attention, LoRA or full.
@@ -201,9 +209,6 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     # 3. Optimizer, data order, schedule.
     if not cfg.model.load_in_4bit:  # on its device before the optimizer, so AdamW can be fused on CUDA
         model.to(accelerator.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = tc.optim == "adamw_torch_fused" or accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused or None)
     if cfg.data.packing:
         check_isolation(model, len(tokenizer), next(model.parameters()).device,
                         atol=1e-3 if plan.compute_precision == "fp32" else 5e-2)
@@ -222,10 +227,16 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     train_loader = DataLoader(train_set, batch_size=tc.per_device_train_batch_size, sampler=sampler,
                               collate_fn=train_collate, num_workers=tc.dataloader_num_workers,
                               generator=torch.Generator().manual_seed(cfg.seed))
-    eval_loader = DataLoader(data.eval, batch_size=tc.per_device_eval_batch_size,
+    eval_loader = DataLoader(eval_shard(data.eval, rank, world), batch_size=tc.per_device_eval_batch_size,
                              collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id))
-    loss_fn, optimizer, eval_loader = accelerator.prepare(SupervisedLoss(model, compile=tc.compile), optimizer,
-                                                          eval_loader)
+    loss_fn = SupervisedLoss(model, compile=tc.compile)
+    if strategy == "fsdp":  # sharded before the optimizer is built, so it holds the sharded parameters
+        shard_fsdp(loss_fn, model, cfg.distributed, DTYPES[plan.compute_precision], accelerator.device)
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+    fused = tc.optim == "adamw_torch_fused" or (accelerator.device.type == "cuda" and strategy != "fsdp")
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused or None)
+    if strategy != "fsdp":  # DDP wrapping (or the DeepSpeed engine) and autocast
+        loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     micro_per_epoch = math.ceil(sampler.per_process() / tc.per_device_train_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.gradient_accumulation_steps)
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
@@ -236,18 +247,24 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                               size=4096 if accelerator.device.type == "cuda" else 1024)
     flops_of = partial(_flops, (model.get_base_model() if hasattr(model, "get_base_model") else model).config,
                        cfg.method)
+    global_batch = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * world
     say(f"training: {total_steps} optimizer steps, {steps_per_epoch} per epoch; batch "
-        f"{tc.per_device_train_batch_size} x accumulation {tc.gradient_accumulation_steps} x "
-        f"{accelerator.num_processes} process(es); measured {plan.compute_precision} matmul peak {peak:.3f} TFLOP/s")
+        f"{tc.per_device_train_batch_size} x accumulation {tc.gradient_accumulation_steps} x {world} "
+        f"process(es) = global batch {global_batch} ({strategy}); measured {plan.compute_precision} matmul peak "
+        f"{peak:.3f} TFLOP/s")
 
     # 4. Resume (after all setup, so nothing above shifts the restored RNG), then claim the directory.
     step, epoch, start_batch = 0, 0, 0
     if plan_dir.action == "resume":
-        state = load_checkpoint(plan_dir.checkpoint, model, optimizer, scheduler)
+        saved = json.loads((plan_dir.checkpoint / "state.json").read_text())
+        if (note := check_resume_world(saved, world, global_batch, plan_dir.checkpoint)) is not None:
+            say(f"note: {note}")
+        state = load_checkpoint(plan_dir.checkpoint, model, optimizer, scheduler, rank)
         step, epoch, start_batch = state["step"], state["epoch_index"], state["batch_in_epoch"]
         if start_batch >= micro_per_epoch:
             epoch, start_batch = epoch + 1, 0
         say(f"resumed from {plan_dir.checkpoint} at step {step} (epoch {epoch}, batch {start_batch})")
+    accelerator.wait_for_everyone()  # every process has planned from the directory as it was
     if main:
         claim_run_dir(plan_dir)
         write_config(run_dir, cfg)
@@ -259,6 +276,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
         "parameters": {"trainable": trainable, "total": total}, "data_files": data.stats["data_files"],
         "data": data.stats, "total_steps": total_steps, "git_commit": git_commit(),
         "resumed": resume_history(run_dir, plan_dir, step), "matmul_peak_tflops": peak,
+        "distributed": {"strategy": strategy, "world_size": world, "global_batch": global_batch},
     }
     log = None
     if main:
@@ -267,13 +285,13 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
             write_json(run_dir / "data_report.json", data.stats["bad_rows"])
         log = MetricsLog(run_dir, "tensorboard" in tc.report_to, resume_step=step if step else None)
 
+    ranks = ranks_of(accelerator, sharded=strategy == "fsdp" and cfg.distributed.fsdp_state_dict == "sharded")
+
     def checkpoint(at_step: int, epoch_index: int, batch: int) -> Path | None:
-        accelerator.wait_for_everyone()
-        if not main:
-            return None
         run_state = {"step": at_step, "epoch_index": epoch_index, "batch_in_epoch": batch,
-                     "epoch": epoch_index + batch / micro_per_epoch, "total_steps": total_steps, "seed": cfg.seed}
-        return save_checkpoint(run_dir, at_step, model, optimizer, scheduler, run_state, tc.save_total_limit)
+                     "epoch": epoch_index + batch / micro_per_epoch, "total_steps": total_steps, "seed": cfg.seed,
+                     "global_batch": global_batch}
+        return save_checkpoint(run_dir, at_step, model, optimizer, scheduler, run_state, tc.save_total_limit, ranks)
 
     # 5. The loop.
     loss_fn.train()
@@ -293,7 +311,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                     group = [next(batches) for _ in range(n)]
                     done += n
                     out = optimizer_step(accelerator, loss_fn, optimizer, scheduler, group, tc.max_grad_norm,
-                                         step + 1, plan.compute_precision)
+                                         step + 1, plan.compute_precision, strategy, tc.gradient_accumulation_steps)
                     step += 1
                     bar.update(1)
                     for key in ("loss_sum", "supervised", "tokens", "sequences"):
@@ -307,7 +325,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                                   "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
                                   "tokens_per_s": round(window["tokens"] / elapsed, 1),
                                   "supervised_tokens": window["supervised"], "elapsed_s": round(elapsed, 3),
-                                  "mfu": flops_of(window) and round(flops_of(window) / elapsed / 1e12 / peak, 4),
+                                  "mfu": flops_of(window) and round(flops_of(window) / elapsed / 1e12 / (peak * world), 4),
                                   **device_stats(accelerator.device)}
                         if main:
                             log.log(record)
@@ -321,10 +339,10 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
                         _log_eval(log, bar, step, eval_loss(loss_fn, eval_loader, accelerator))
                     if tc.save_strategy == "steps" and step % tc.save_steps == 0 and step < total_steps:
                         checkpoint(step, epoch, done)
-                    if stop.signum is not None:
+                    if (signum := agreed_signal(stop.signum, accelerator)) is not None:
                         path = checkpoint(step, epoch, done)
                         status = "interrupted"
-                        raise TrainingInterrupted(stop.signum, path)
+                        raise TrainingInterrupted(signum, path)
                 epoch += 1
                 if done == micro_per_epoch:
                     if data.eval and not tc.eval_steps:
@@ -336,8 +354,9 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
         if data.eval and tc.eval_steps and step % tc.eval_steps != 0:
             _log_eval(log, bar, step, eval_loss(loss_fn, eval_loader, accelerator))
         accelerator.wait_for_everyone()
+        full_state = full_weights(model, loss_fn, strategy, accelerator)
         if main:
-            final = save_final(run_dir, model, tokenizer, data.template)
+            final = save_final(run_dir, model, tokenizer, data.template, full_state)
             manifest["final_loss"] = last_loss
             say(f"saved {final}")
         status = "completed"

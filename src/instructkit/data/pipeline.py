@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filelock import FileLock
+
 from instructkit.config import DataConfig, DatasetSpec, instructkit_home
 from instructkit.data.formats import Conversation
 from instructkit.data.sources import BadRow, Resolved, apply_weight, read_resolved, resolve_source
@@ -157,9 +159,21 @@ def build_datasets(data_cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     eval_src = resolve_sources(eval_specs, "data.eval_file")
     template = resolve_template(data_cfg.template, tokenizer)
     cache_dir = instructkit_home() / "data-cache" / cache_key(train_src + eval_src, tokenizer, template, data_cfg, seed)
-    if data_cfg.cache and (cached := load_cache(cache_dir, template)) is not None:
-        return cached
+    if not data_cfg.cache:
+        return _build(data_cfg, seed, train_specs, eval_specs, train_src, eval_src, tokenizer, template)
+    # Processes of one launch (and concurrent runs) take turns: the first tokenizes and fills the cache,
+    # the others wait on the lock file (no collective, so no timeout) and read what it wrote.
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir) + ".lock"):
+        if (cached := load_cache(cache_dir, template)) is not None:
+            return cached
+        data = _build(data_cfg, seed, train_specs, eval_specs, train_src, eval_src, tokenizer, template)
+        save_cache(cache_dir, data)
+    return data
 
+
+def _build(data_cfg: DataConfig, seed: int, train_specs, eval_specs, train_src, eval_src, tokenizer,
+           template: Template) -> Datasets:
     train_conv, train_report, formats, format_counts = read_conversations(train_specs, train_src, data_cfg, seed)
     enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
     eval_conv, eval_report = [], BadRowReport()
@@ -184,10 +198,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     stats = {"formats": formats, "format_counts": format_counts, "template": template.name, "data_files": hashes, "train": train_stats, "eval": eval_stats,
              "bad_rows": {"train": train_report.to_json(), "eval": eval_report.to_json()},
              "cache": "miss" if data_cfg.cache else "off"}
-    data = Datasets(train, evals, template, stats)
-    if data_cfg.cache:
-        save_cache(cache_dir, data)
-    return data
+    return Datasets(train, evals, template, stats)
 
 
 def check_rows(data_cfg: DataConfig, seed: int) -> str:
