@@ -91,6 +91,46 @@ def _cmd_data_inspect(args) -> int:
     return EXIT_OK
 
 
+def _cmd_data_prepare(args) -> int:
+    from instructkit.config import load_config
+    from instructkit.data.pipeline import build_datasets, describe_data
+    from instructkit.models import load_tokenizer, resolve_model
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.cache:
+        raise UserError("data prepare fills the tokenized-data cache, and data.cache is false. "
+                        "Fix: set data.cache: true (the default)")
+    tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle),
+                               cfg.model.trust_remote_code, cfg.model.revision)
+    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    print(describe_data(data, cfg.data.max_length))
+    print("train reads this cache at start, so no process waits on tokenizing")
+    return EXIT_OK
+
+
+def _cmd_estimate(args) -> int:
+    import torch
+
+    from instructkit.config import load_config
+    from instructkit.estimate import estimate_table, format_table, parse_memory
+
+    cfg = load_config(args.config, args.overrides)
+    cuda = torch.cuda.is_available()
+    gpu = bool(args.gpus or args.gpu_memory or cuda)  # otherwise: training on this machine's CPU
+    gpus = args.gpus or (torch.cuda.device_count() if cuda else 1)
+    memory = parse_memory(args.gpu_memory) if args.gpu_memory else (
+        torch.cuda.get_device_properties(0).total_memory if cuda else None)
+    table = estimate_table(cfg, gpus, memory, gpu=gpu)
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return EXIT_OK
+    method = "qlora" if cfg.model.load_in_4bit else cfg.method
+    strategy = {"fsdp": "fsdp", "deepspeed": "zero2" if "2" in cfg.distributed.deepspeed_config else "zero3"}.get(
+        cfg.distributed.strategy, "ddp") if gpus > 1 else "single"
+    print(format_table(table, (method, strategy)))
+    return EXIT_OK
+
+
 def _sampling(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
 
@@ -193,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=3, help="examples to show (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON, with each shown example's input_ids and labels")
     p.set_defaults(func=_cmd_data_inspect)
+    p = data_sub.add_parser("prepare", help="tokenize the data into the cache ahead of a (multi-node) training launch")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("estimate", help="expected peak memory per device for full/LoRA/QLoRA x DDP/FSDP/ZeRO, and what fits")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs to plan for (default: those visible)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB (default: the visible GPU's)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON, bytes per part")
+    p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("generate", help="generate from a run or model with its training template")
     p.add_argument("run_or_model")

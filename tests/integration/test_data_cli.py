@@ -59,3 +59,26 @@ def test_validate_reports_formats_and_bad_rows(tiny_config, tmp_path, capsys):
                                                             {"role": "assistant", "content": "b"}]}])
     assert main(["validate", str(tiny_config(data={"train_file": str(data)}))]) == 0
     assert f"1 train rows ({data}: messages)" in capsys.readouterr().out
+
+
+def test_data_prepare_fills_the_cache_that_train_then_hits(tiny_config, capsys):
+    cfg = tiny_config(data={"max_length": 300})
+    assert main(["data", "prepare", str(cfg)]) == 0
+    assert "tokenized data cache: miss" in capsys.readouterr().out
+    assert main(["train", str(cfg)]) == 0
+    assert "tokenized data cache: hit" in capsys.readouterr().out
+    assert main(["data", "prepare", str(cfg), "data.cache=false"]) == 2
+
+
+def test_concurrent_processes_tokenize_once(tiny_config, tmp_path):
+    """Two processes building the same data at once: one tokenizes under the cache lock, the other
+    waits on the lock file (not on a collective) and reads the cache."""
+    import subprocess
+    import sys
+
+    cfg = tiny_config(data={"max_length": 310})
+    procs = [subprocess.Popen([sys.executable, "-m", "instructkit", "data", "prepare", str(cfg)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted("cache: miss" in o for o in outs) == [False, True], outs

@@ -169,3 +169,19 @@ def test_ctrl_c_stops_every_rank_at_one_checkpoint(config, tmp_path):
     assert state["world_size"] == 2 and json.loads((checkpoint / "rng.json").read_text())["ranks"][1]
     code, out = launch(cfg, "train.max_steps=" + str(state["step"] + 2), "--allow-config-change")
     assert code == 0 and f"resumed from {checkpoint}" in out, out
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_readme_launchers_run_two_processes(config, tmp_path, launcher):
+    cfg = config(launcher, 2)
+    port = str(free_port())
+    prefix = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           f"--master-port={port}"],
+              "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                             "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                             f"--main_process_port={port}"]}[launcher]
+    out = subprocess.run([*prefix, "-m", "instructkit", "train", str(cfg)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "x 2 process(es) = global batch 8 (ddp)" in out.stdout
+    assert len(losses(tmp_path / launcher)) == 4
