@@ -56,13 +56,17 @@ def _launch_train(args, cfg) -> int:
 
 
 def _cmd_validate(args) -> int:
+    import torch
+
     from instructkit.config import load_config
     from instructkit.data.pipeline import check_rows
+    from instructkit.distributed import check_distributed
     from instructkit.models import check_runtime, locate_model
     from instructkit.rundir import plan_run_dir
 
     cfg = load_config(args.config, args.overrides)
     check_runtime(cfg.model)
+    check_distributed(cfg, torch.cuda.is_available())
     where = locate_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     summary = check_rows(cfg.data, cfg.seed)
     print(f"config OK: {args.config}")

@@ -84,14 +84,17 @@ def test_two_processes_train_like_one_with_the_same_global_batch(config, tmp_pat
     assert manifest["distributed"] == {"strategy": strategy, "world_size": 2, "global_batch": 8}
 
 
-def test_two_nodes_on_localhost_train_and_save(config, tmp_path):
+@pytest.mark.parametrize("engine", [[], ["distributed.strategy=fsdp", "distributed.fsdp_sharding=hybrid",
+                                         "train.save_strategy=steps", "train.save_steps=2"]], ids=["ddp", "hsdp"])
+def test_two_nodes_on_localhost_train_and_save(config, tmp_path, engine):
+    """Hybrid FSDP over two one-process nodes: replicated across nodes, sharded within each."""
     cfg = config("nodes", 2)
     port = str(free_port())
     nodes = [launch(cfg, "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank), "--master-port", port,
-                    nproc=0, wait=False) for rank in (0, 1)]
+                    *engine, nproc=0, wait=False) for rank in (0, 1)]
     results = [p.communicate(timeout=300) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], results
-    assert "x 2 process(es) = global batch 8 (ddp)" in results[0][0]
+    assert f"x 2 process(es) = global batch 8 ({'fsdp' if engine else 'ddp'})" in results[0][0]
     assert (tmp_path / "nodes" / "final" / "adapter_model.safetensors").is_file()
     assert len(losses(tmp_path / "nodes")) == 4
 
