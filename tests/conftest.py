@@ -105,3 +105,19 @@ def tiny_config(tmp_path, tiny_model_dir):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory, tiny_model_dir):
+    """A finished tiny LoRA run (all linear layers), trained far enough that the adapter is not zero."""
+    from instructkit.cli import main
+
+    root = tmp_path_factory.mktemp("lora-run")
+    cfg = {"output_dir": str(root / "run"), "seed": 3, "model": {"name_or_path": str(tiny_model_dir)},
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+           "data": {"train_file": str(write_jsonl(root / "t.jsonl", ROWS))},
+           "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 6,
+                     "learning_rate": 5e-2, "save_strategy": "no", "report_to": []}}
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(root / "c.yaml")]) == 0
+    return root / "run"

@@ -40,19 +40,12 @@ def _cmd_train(args) -> int:
 
 def _launch_train(args, cfg) -> int:
     """`train --nproc N`: check what can be checked here (exit 2 at once), then run torchrun."""
-    import torch
+    from instructkit.distributed import launch_job
 
-    from instructkit.distributed import check_distributed, launch, launch_command
-    from instructkit.models import check_runtime
-
-    check_runtime(cfg.model)
-    check_distributed(cfg, torch.cuda.is_available())
     passthrough = [*args.overrides, *(["--overwrite"] if args.overwrite else []),
                    *(["--allow-config-change"] if args.allow_config_change else [])]
-    command = launch_command(args.config, (["--debug"] if args.debug else []), passthrough, args.nproc, args.nnodes,
-                             args.node_rank, args.master_addr, args.master_port)
-    print(f"launching: {' '.join(command)}", flush=True)
-    return launch(command, args.nproc, args.node_rank)
+    return launch_job(cfg, args.config, ["--debug"] if args.debug else [], passthrough, args.nproc, args.nnodes,
+                      args.node_rank, args.master_addr, args.master_port)
 
 
 def _cmd_validate(args) -> int:
@@ -113,25 +106,10 @@ def _cmd_data_prepare(args) -> int:
 
 
 def _cmd_estimate(args) -> int:
-    import torch
-
     from instructkit.config import load_config
-    from instructkit.estimate import estimate_table, format_table, parse_memory
+    from instructkit.estimate import report
 
-    cfg = load_config(args.config, args.overrides)
-    cuda = torch.cuda.is_available()
-    gpu = bool(args.gpus or args.gpu_memory or cuda)  # otherwise: training on this machine's CPU
-    gpus = args.gpus or (torch.cuda.device_count() if cuda else 1)
-    memory = parse_memory(args.gpu_memory) if args.gpu_memory else (
-        torch.cuda.get_device_properties(0).total_memory if cuda else None)
-    table = estimate_table(cfg, gpus, memory, gpu=gpu)
-    if args.json:
-        print(json.dumps(table, indent=1))
-        return EXIT_OK
-    method = "qlora" if cfg.model.load_in_4bit else cfg.method
-    strategy = {"fsdp": "fsdp", "deepspeed": "zero2" if "2" in cfg.distributed.deepspeed_config else "zero3"}.get(
-        cfg.distributed.strategy, "ddp") if gpus > 1 else "single"
-    print(format_table(table, (method, strategy)))
+    print(report(load_config(args.config, args.overrides), args.gpus, args.gpu_memory, args.json))
     return EXIT_OK
 
 
@@ -178,6 +156,45 @@ def _cmd_report(args) -> int:
 
     page, twin = build_report(args.run)
     print(f"report: {page}\nmarkdown: {twin}")
+    return EXIT_OK
+
+
+def _cmd_merge(args) -> int:
+    from instructkit.export import merge
+
+    out = merge(args.run, args.out, args.dtype, args.overwrite, args.max_shard_size, args.allow_pickle)
+    print(f"merged model: {out} ({args.dtype}); load it with transformers, or: instructkit export-gguf {out} "
+          f"--out model.gguf")
+    return EXIT_OK
+
+
+def _cmd_export_gguf(args) -> int:
+    from instructkit.export import export_gguf
+
+    out = export_gguf(args.model_or_run, args.out, args.dtype, args.overwrite, args.allow_pickle)
+    print(f"GGUF file: {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype}); e.g. llama-cli -m {out} -cnv")
+    return EXIT_OK
+
+
+def _cmd_serve(args) -> int:
+    import importlib.util
+
+    from instructkit.generate import load_for_inference
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise UserError("instructkit serve needs FastAPI and uvicorn, which are not installed. "
+                        "Fix: pip install 'instructkit[serve]'")
+    from instructkit.serve import served_name, serve
+
+    api_key = args.api_key or os.environ.get("INSTRUCTKIT_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who reaches this port can use the model",
+              file=sys.stderr)
+    loaded = load_for_inference(args.run_or_model, allow_pickle=args.allow_pickle)
+    name = args.model_name or served_name(args.run_or_model)
+    print(f"serving {loaded.source} as model '{name}' on http://{args.host}:{args.port}/v1"
+          + (" (bearer key required)" if api_key else ""), flush=True)
+    serve(loaded, name, args.host, args.port, api_key)
     return EXIT_OK
 
 
@@ -282,6 +299,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML and Markdown report of a run: curves, before/after, samples")
     p.add_argument("run")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base: a standalone model directory")
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shards above this size (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (unpickled)")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("export-gguf", help="write a GGUF file (llama.cpp, Ollama) with tokenizer and chat template")
+    p.add_argument("model_or_run")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--dtype", choices=["f16", "q8_0"], default="f16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (unpickled)")
+    p.set_defaults(func=_cmd_export_gguf)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, completions, streaming)")
+    p.add_argument("run_or_model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set INSTRUCTKIT_API_KEY)")
+    p.add_argument("--model-name", help="the model id clients ask for (default: the run's directory name)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin weights (unpickled)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")
     p.add_argument("--json", action="store_true", help="print JSON")

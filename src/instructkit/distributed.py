@@ -220,6 +220,21 @@ def launch_command(config: str, global_flags: list[str], passthrough: list[str],
             "-m", "instructkit", *global_flags, "train", config, *passthrough]
 
 
+def launch_job(cfg: RunConfig, config: str, global_flags: list[str], passthrough: list[str], nproc: int,
+               nnodes: int, node_rank: int, master_addr: str, master_port: int) -> int:
+    """`instructkit train --nproc`: refuse what this machine cannot run (exit 2 before any process
+    starts), then run torchrun and return the job's exit code."""
+    import torch
+
+    from instructkit.models import check_runtime
+
+    check_runtime(cfg.model)
+    check_distributed(cfg, torch.cuda.is_available())
+    command = launch_command(config, global_flags, passthrough, nproc, nnodes, node_rank, master_addr, master_port)
+    print(f"launching: {' '.join(command)}", flush=True)
+    return launch(command, nproc, node_rank)
+
+
 def record_exit(code: int) -> None:
     rank = int(os.environ.get("RANK", "0"))
     Path(os.environ[EXIT_DIR_ENV], f"rank-{rank:05d}").write_text(str(code))

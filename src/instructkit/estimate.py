@@ -167,3 +167,25 @@ def format_table(table: dict, configured: tuple[str, str]) -> str:
                                  "nothing at this batch and length: lower per_device_train_batch_size or "
                                  "data.max_length, turn on model.gradient_checkpointing, or add GPUs"))
     return "\n".join(lines)
+
+
+def report(cfg: RunConfig, gpus: int = 0, gpu_memory: str | None = None, as_json: bool = False) -> str:
+    """`instructkit estimate`: for the visible GPUs unless told otherwise; on a machine without GPUs
+    and without --gpus/--gpu-memory, for training on this CPU."""
+    import json
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    gpu = bool(gpus or gpu_memory or cuda)
+    gpus = gpus or (torch.cuda.device_count() if cuda else 1)
+    memory = parse_memory(gpu_memory) if gpu_memory else (
+        torch.cuda.get_device_properties(0).total_memory if cuda else None)
+    table = estimate_table(cfg, gpus, memory, gpu=gpu)
+    if as_json:
+        return json.dumps(table, indent=1)
+    method = "qlora" if cfg.model.load_in_4bit else cfg.method
+    engine = cfg.distributed.strategy
+    strategy = ("single" if gpus == 1 else "fsdp" if engine == "fsdp" else
+                ("zero2" if cfg.distributed.deepspeed_config == "zero2" else "zero3") if engine == "deepspeed" else "ddp")
+    return format_table(table, (method, strategy))

@@ -18,7 +18,8 @@ from instructkit.data.sources import read_records
 from instructkit.data.templates import Template, render_segments, resolve_template, stop_token_ids
 from instructkit.data.tokenize import Example, tokenize_segments
 from instructkit.errors import user_error
-from instructkit.models import DTYPES, load_tokenizer, resolve_attention, resolve_model, resolve_precision
+from instructkit.models import (DTYPES, find_model_dir, load_tokenizer, resolve_attention, resolve_model,
+                                resolve_precision)
 
 
 @dataclass
@@ -30,25 +31,6 @@ class Loaded:
     template: Template
     source: str
     is_adapter: bool
-
-
-def find_model_dir(run_or_model: str, allow_pickle: bool = False) -> Path | str:
-    """A run directory's final/, a model or adapter directory, or (not a directory) a model name."""
-    path = Path(run_or_model).expanduser()
-    if not path.is_dir():
-        return resolve_model(run_or_model, allow_pickle)
-    if (path / "final").is_dir():
-        return path / "final"
-    if (path / "adapter_config.json").is_file():
-        return path
-    if (path / "config.json").is_file():
-        return Path(resolve_model(str(path), allow_pickle))
-    if (path / "manifest.json").is_file():
-        status = json.loads((path / "manifest.json").read_text()).get("status")
-        raise user_error(f"the run {path} has no final/ model (its status is {status})", str(path),
-                         "finish the run first (instructkit train with its config)")
-    raise user_error(f"{path} is neither a run directory nor a model directory", str(path),
-                     "pass runs/NAME, a directory with config.json, or a LoRA adapter directory")
 
 
 def load_for_inference(run_or_model: str, precision: str = "auto", allow_pickle: bool = False) -> Loaded:

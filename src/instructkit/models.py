@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -111,6 +112,25 @@ def resolve_model(name: str, allow_pickle: bool = False) -> str:
     if not (target / "config.json").is_file():
         convert_gguf(_smollm2_gguf(), target)  # type: ignore[arg-type]
     return str(target)
+
+
+def find_model_dir(run_or_model: str, allow_pickle: bool = False) -> Path | str:
+    """A run directory's final/, a model or adapter directory, or (not a directory) a model name."""
+    path = Path(run_or_model).expanduser()
+    if not path.is_dir():
+        return resolve_model(run_or_model, allow_pickle)
+    if (path / "final").is_dir():
+        return path / "final"
+    if (path / "adapter_config.json").is_file():
+        return path
+    if (path / "config.json").is_file():
+        return Path(resolve_model(str(path), allow_pickle))
+    if (path / "manifest.json").is_file():
+        status = json.loads((path / "manifest.json").read_text()).get("status")
+        raise user_error(f"the run {path} has no final/ model (its status is {status})", str(path),
+                         "finish the run first (instructkit train with its config)")
+    raise user_error(f"{path} is neither a run directory nor a model directory", str(path),
+                     "pass runs/NAME, a directory with config.json, or a LoRA adapter directory")
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:

