@@ -34,7 +34,10 @@ demo: install
 	$(VENV)/bin/instructkit eval runs/quickstart --data examples/data/test.jsonl --baseline
 	$(VENV)/bin/instructkit report runs/quickstart
 
+# tools/test_services.sh (as root) installs what the container tests run for real: openssh-server,
+# a user tuner and JupyterLab; without root those tests fail and say why.
 test: install
+	bash tools/test_services.sh
 	$(PY) -m pytest
 
 test-fast: install
