@@ -89,10 +89,16 @@ def make_accelerator(mixed_precision: str, strategy: str, cfg: RunConfig):
               # FSDP2 casts with its own mixed-precision policy; autocast on top would only cost time
               "mixed_precision": "no" if strategy == "fsdp" else mixed_precision}
     if strategy == "deepspeed":
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
-            hf_ds_config=str(deepspeed_config_path(cfg.distributed.deepspeed_config)),
-            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            gradient_clipping=cfg.train.max_grad_norm)
+        plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed_config_path(cfg.distributed.deepspeed_config)),
+                                 gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                                 gradient_clipping=cfg.train.max_grad_norm)
+        # accelerate fills "auto" batch sizes from a prepared DataLoader; ours is not prepared (the
+        # sampler shards it), so they are given here.
+        tc = cfg.train
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tc.per_device_train_batch_size
+        plugin.deepspeed_config["train_batch_size"] = (tc.per_device_train_batch_size * tc.gradient_accumulation_steps
+                                                       * env_world_size())
+        kwargs["deepspeed_plugin"] = plugin
     return Accelerator(**kwargs)
 
 

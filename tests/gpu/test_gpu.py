@@ -39,3 +39,36 @@ def test_generate_with_device_map_auto(tiny_config, capsys):
     assert main(["train", str(config)]) == 0
     capsys.readouterr()
     assert main(["generate", str(config.parent / "run"), "--prompt", "Say yes.", "--max-new-tokens", "4"]) == 0
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@two_gpus
+@pytest.mark.parametrize("engine", [[], ["distributed.strategy=fsdp", "model.precision=bf16", "method=full"]],
+                         ids=["ddp", "fsdp-bf16"])
+def test_two_gpus_with_nccl(tiny_config, engine):
+    import subprocess
+    import sys
+
+    config = tiny_config(train={"max_steps": 4, "save_strategy": "steps", "save_steps": 2})
+    out = subprocess.run([sys.executable, "-m", "instructkit", "train", str(config), "--nproc", "2", *engine],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "x 2 process(es)" in out.stdout
+    assert any((config.parent / "run/final").glob("*.safetensors"))
+
+
+@two_gpus
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed package")
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_trains_and_saves(tiny_config, stage):
+    import subprocess
+    import sys
+
+    config = tiny_config(train={"max_steps": 4, "gradient_accumulation_steps": 2})
+    out = subprocess.run([sys.executable, "-m", "instructkit", "train", str(config), "--nproc", "2",
+                          "distributed.strategy=deepspeed", f"distributed.deepspeed_config={stage}",
+                          "model.precision=bf16"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (config.parent / "run/final/adapter_model.safetensors").is_file()
