@@ -67,6 +67,10 @@ def check_distributed(cfg: RunConfig, cuda: bool) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise user_error("distributed: deepspeed needs the deepspeed package, which is not installed",
                              "distributed.strategy", "pip install deepspeed (or use fsdp)")
+    if dcfg.strategy == "fsdp" and dcfg.fsdp_cpu_offload and not cuda:
+        raise user_error("distributed.fsdp_cpu_offload moves GPU state into CPU memory and needs CUDA GPUs",
+                         "distributed.fsdp_cpu_offload", "set it to false on a CPU machine (all state is in CPU "
+                         "memory there already)")
     if dcfg.strategy == "fsdp" and cfg.model.precision == "fp16":
         raise user_error("FSDP with fp16 needs a sharded gradient scaler that instructkit does not set up",
                          "model.precision", "use bf16 (or fp32) with distributed: fsdp")

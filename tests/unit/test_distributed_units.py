@@ -37,6 +37,8 @@ def test_deepspeed_is_refused_without_cuda_and_ships_its_configs():
                  train={"save_strategy": "no"})
     with pytest.raises(UserError, match="cannot read the DeepSpeed config"):
         check_distributed(bad, cuda=True)
+    with pytest.raises(UserError, match="needs CUDA GPUs"):
+        check_distributed(config(distributed={"strategy": "fsdp", "fsdp_cpu_offload": True}), cuda=False)
     with pytest.raises(UserError, match="use bf16"):
         check_distributed(config(distributed="fsdp", model={"name_or_path": "m", "precision": "fp16"}), cuda=True)
 
