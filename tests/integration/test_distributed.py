@@ -188,3 +188,16 @@ def test_the_readme_launchers_run_two_processes(config, tmp_path, launcher):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "x 2 process(es) = global batch 8 (ddp)" in out.stdout
     assert len(losses(tmp_path / launcher)) == 4
+
+
+def test_bad_input_is_refused_before_any_process_starts(config, tmp_path, capsys):
+    from instructkit.cli import main
+
+    cfg = config("refused", 2)
+    started = time.time()
+    assert main(["train", str(cfg), "--nproc", "2", "distributed=deepspeed"]) == 2  # needs save_strategy: no
+    assert main(["train", str(cfg), "--nproc", "2", "distributed.strategy=fsdp",
+                 "distributed.fsdp_cpu_offload=true"]) == 2  # needs CUDA
+    err = capsys.readouterr().err
+    assert "deepspeed needs CUDA GPUs" in err and "fsdp_cpu_offload" in err and "launching" not in err
+    assert time.time() - started < 30 and not (tmp_path / "refused").exists()
