@@ -9,7 +9,6 @@ The shapes are the published Llama-2 configs (no download: the configs are writt
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 from transformers import LlamaConfig
 

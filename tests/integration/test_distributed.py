@@ -99,7 +99,7 @@ def test_two_nodes_on_localhost_train_and_save(config, tmp_path, engine):
     assert len(losses(tmp_path / "nodes")) == 4
 
 
-def _workers(launcher: subprocess.Popen) -> dict[int, "psutil.Process"]:  # noqa: F821
+def _workers(launcher: subprocess.Popen) -> dict:
     import psutil
 
     found = {}

@@ -11,7 +11,6 @@ import pytest
 
 from instructkit.checkpoint import verify_checkpoint
 from instructkit.cli import main
-from tests.conftest import write_jsonl
 
 
 def tree_digest(root: Path) -> dict:
