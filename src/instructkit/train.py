@@ -82,7 +82,7 @@ def eval_loss(loss_fn, loader, accelerator) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            total[0] += loss_sum(loss_fn, batch).double()
+            total[0] += loss_sum(loss_fn, to_device(batch, accelerator.device)).double()
             total[1] += count_supervised(batch)
     loss_fn.train()
     total = accelerator.reduce(total, "sum")

@@ -19,12 +19,14 @@ def test_auto_precision_is_half_on_gpu():
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_mixed_precision_training_on_gpu(tiny_config, method):
-    config = tiny_config(method=method, train={"max_steps": 6})
+    # with eval data: eval batches are not prepared by accelerate, so they must be moved to the GPU too
+    config = tiny_config(method=method, data={"val_size": 0.25}, train={"max_steps": 6, "eval_steps": 3})
     assert main(["train", str(config)]) == 0
     run = config.parent / "run"
     assert json.loads((run / "manifest.json").read_text())["device"].startswith("cuda:")
     losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
     assert all(torch.isfinite(torch.tensor(losses)))
+    assert [m["step"] for m in read_metrics(run) if "eval_loss" in m] == [3, 6]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="QLoRA needs bitsandbytes")
