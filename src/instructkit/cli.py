@@ -379,7 +379,8 @@ def _run(args, argv: list[str] | None) -> int:
         return EXIT_INTERRUPTED
     except TrainingInterrupted as exc:
         _stopping(argv is None)
-        print(str(exc), file=sys.stderr)
+        if exc.checkpoint is not None:  # with several processes, rank 0 wrote it and says so
+            print(str(exc), file=sys.stderr)
         return EXIT_INTERRUPTED if exc.signum == signal.SIGINT else 128 + exc.signum
     except Exception as exc:  # noqa: BLE001 - the one place internal failures become exit code 1
         if args.debug:
