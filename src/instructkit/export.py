@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,18 @@ def _check_supported(config) -> str:
     return arch
 
 
+def token_type(token: str | None, added: dict | None, kind: str) -> int:
+    """llama.cpp's token types: 1 normal, 3 control (special), 4 user-defined (added, not special),
+    5 unused (padding rows), 6 byte (<0xNN> pieces of byte-fallback vocabularies)."""
+    if token is None:
+        return 5
+    if added is not None:
+        return 3 if added.get("special") else 4
+    if kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+        return 6
+    return 1
+
+
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     """The tokenizer as GGUF describes it: byte-level BPE ("gpt2") or byte-fallback BPE ("llama")."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -116,16 +129,16 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     if model["type"] != "BPE":
         raise user_error(f"GGUF export supports BPE tokenizers; this one is {model['type']}", "MODEL_OR_RUN",
                          "use llama.cpp's convert_hf_to_gguf.py on the merged model")
+    kind = "llama" if model.get("byte_fallback") else "gpt2"
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     tokens, types = [], []
     for i in range(vocab_size):  # embedding rows beyond the tokenizer's vocabulary are padding
         token = by_id.get(i)
         tokens.append(token if token is not None else f"[PAD{i}]")
-        types.append(5 if token is None else (3 if added.get(i, {}).get("special") else 4) if i in added else 1)
+        types.append(token_type(token, added.get(i), kind))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     pre = json.dumps(spec.get("pre_tokenizer"))
-    kind = "llama" if model.get("byte_fallback") else "gpt2"
     pre_name = ("smollm" if '"Digits"' in pre else "llama-bpe" if "\\\\p{N}{1,3}" in pre else
                 "qwen2" if "\\\\p{N}|" in pre else "default" if kind == "llama" else "gpt-2")
     return {"model": kind, "pre": pre_name, "tokens": tokens, "token_types": types, "merges": merges,

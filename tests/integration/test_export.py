@@ -107,6 +107,29 @@ def test_gguf_of_a_tiny_qwen2(tmp_path):
     assert close_enough(result, "f16") and result["tokens"], result
 
 
+def test_gguf_of_a_llama2_style_byte_fallback_tokenizer(tmp_path):
+    """Llama 2 / Mistral 7B vocabularies: sentencepiece-style BPE with <0xNN> byte pieces ("llama")."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *"abcdefghijklmnopqrstuvwxyz",
+              "\u2581", "\u2581h", "\u2581he", "\u2581hel", "\u2581hell", "\u2581hello"]
+    merges = [("\u2581", "h"), ("\u2581h", "e"), ("\u2581he", "l"), ("\u2581hel", "l"), ("\u2581hell", "o")]
+    tokenizer = LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=merges)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(pieces), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, bos_token_id=1,
+                                 eos_token_id=2)).save_pretrained(tmp_path / "llama2")
+    tokenizer.save_pretrained(tmp_path / "llama2")
+    result = round_trip(str(tmp_path / "llama2"), tmp_path / "llama2.gguf", "f16")
+    assert close_enough(result, "f16") and result["tokens"], result  # TEXT has a newline and an emoji: bytes
+    import gguf
+
+    reader = gguf.GGUFReader(str(tmp_path / "llama2.gguf"))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[3:259] == [6] * 256 and types[259] == 1 and types[1] == 3  # bytes, "a", <s>
+
+
 def test_export_refuses_bad_output_and_unsupported_models(lora_run, tmp_path, tiny_model_dir):
     assert main(["export-gguf", str(lora_run), "--out", str(tmp_path / "model.bin")]) == 2
     from transformers import GPT2Config, GPT2LMHeadModel
