@@ -13,10 +13,12 @@ second); transformers, peft and accelerate load when a function first needs them
 from instructkit.config import RunConfig, load_config
 from instructkit.data.formats import Message
 from instructkit.errors import UserError
+from instructkit.estimate import estimate_table
 from instructkit.evaluate import evaluate
+from instructkit.export import export_gguf, merge_lora
 from instructkit.generate import generate, load_for_inference, messages_from_cli
 from instructkit.report import build_report
 from instructkit.train import train
 
 __all__ = ["RunConfig", "load_config", "Message", "UserError", "evaluate", "generate", "load_for_inference",
-           "messages_from_cli", "build_report", "train"]
+           "messages_from_cli", "build_report", "train", "merge_lora", "export_gguf", "estimate_table"]

@@ -160,9 +160,9 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from instructkit.export import merge
+    from instructkit.export import merge_lora
 
-    out = merge(args.run, args.out, args.dtype, args.overwrite, args.max_shard_size, args.allow_pickle)
+    out = merge_lora(args.run, args.out, args.dtype, args.overwrite, args.max_shard_size, args.allow_pickle)
     print(f"merged model: {out} ({args.dtype}); load it with transformers, or: instructkit export-gguf {out} "
           f"--out model.gguf")
     return EXIT_OK

@@ -62,7 +62,7 @@ def _claim(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def merge(source: str, out: str, dtype: str = "bf16", overwrite: bool = False, max_shard_size: str = "2GB",
+def merge_lora(source: str, out: str, dtype: str = "bf16", overwrite: bool = False, max_shard_size: str = "2GB",
           allow_pickle: bool = False) -> Path:
     """A standalone model directory: merged weights in `dtype` (safetensors, sharded above
     `max_shard_size`), the tokenizer with the trained chat template, and the run's generation config."""
