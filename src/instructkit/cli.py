@@ -221,14 +221,21 @@ def _add_sampling(parser: argparse.ArgumentParser, max_new: int = 256) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
 
 
+def _config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A subcommand that reads a run config: CONFIG and its key.path=value overrides."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.learning_rate=1e-4")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructkit", description="Instruction tuning of causal language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a run from a YAML config")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.learning_rate=1e-4")
+    p = _config_command(sub, "train", "train a run from a YAML config", _cmd_train)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though result-changing config keys differ from the checkpoint's run")
@@ -239,33 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-addr", default="127.0.0.1", metavar="A",
                    help="with --nproc: address of the node with --node-rank 0, reachable from every node")
     p.add_argument("--master-port", type=int, default=29500, metavar="P", help="with --nproc: a free TCP port there")
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("validate", help="check a config, its data files and its model without training")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=_cmd_validate)
+    _config_command(sub, "validate", "check a config, its data files and its model without training", _cmd_validate)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    p = data_sub.add_parser("inspect", help="show rendered examples with the supervised tokens marked, and statistics")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p = _config_command(data_sub, "inspect", "show rendered examples with the supervised tokens marked, and "
+                        "statistics", _cmd_data_inspect)
     p.add_argument("--n", type=int, default=3, help="examples to show (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON, with each shown example's input_ids and labels")
-    p.set_defaults(func=_cmd_data_inspect)
-    p = data_sub.add_parser("prepare", help="tokenize the data into the cache ahead of a (multi-node) training launch")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=_cmd_data_prepare)
+    _config_command(data_sub, "prepare", "tokenize the data into the cache ahead of a (multi-node) training launch",
+                    _cmd_data_prepare)
 
-    p = sub.add_parser("estimate", help="expected peak memory per device for full/LoRA/QLoRA x DDP/FSDP/ZeRO, and what fits")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p = _config_command(sub, "estimate", "expected peak memory per device for full/LoRA/QLoRA x DDP/FSDP/ZeRO, "
+                        "and what fits", _cmd_estimate)
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="GPUs to plan for (default: those visible)")
     p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB (default: the visible GPU's)")
     p.add_argument("--json", action="store_true", help="print the table as JSON, bytes per part")
-    p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("generate", help="generate from a run or model with its training template")
     p.add_argument("run_or_model")
