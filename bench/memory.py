@@ -4,14 +4,18 @@
 
 In one process: the model is loaded as training loads it (precision plan, gradient checkpointing,
 LoRA) and full optimizer steps run on batches of exactly per_device_train_batch_size x
-data.max_length tokens (the estimate's worst case, half of each row supervised). Measured = peak
-RSS (ru_maxrss) minus the RSS just before the model was loaded. Prints one JSON line.
+data.max_length tokens (the estimate's worst case, half of each row supervised). Measured = the peak
+of resident *anonymous* memory (sampled every millisecond) minus its value just before the model
+was loaded. Prints one JSON line.
 
-Two things keep RSS about tensors, which is what the estimate (like a GPU's max_memory_allocated)
-counts: a warm-up step with one short row first, so code and lazily imported modules are resident
-before the baseline; and a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), because glibc's
-dynamic threshold otherwise keeps freed activation buffers in the heap, which added up to 30% RSS
-on SmolLM2 LoRA runs here (allocator fragmentation, not training state).
+Three things keep the measure about tensors, which is what the estimate (like a GPU's
+max_memory_allocated) counts: anonymous memory only, because file-backed pages (library code faulted
+in by kernels the run reaches later) moved the total RSS peak by 80 MB between two runs of the same
+config in different parent processes (the weights, which transformers memory-maps from safetensors,
+are therefore copied into process memory after loading, as a move to a GPU would); a warm-up step with one short row first, so lazily imported
+modules are resident before the baseline; and a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_),
+because glibc's dynamic threshold otherwise keeps freed activation buffers in the heap, which added up
+to 30% on SmolLM2 LoRA runs here (allocator fragmentation, not training state).
 """
 
 from __future__ import annotations
@@ -20,15 +24,42 @@ import argparse
 import gc
 import json
 import os
-import resource
 import sys
+import threading
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def rss() -> int:
+def anon_rss() -> int:
+    """Resident anonymous memory (heap, tensors): resident minus file-backed and shared pages, so code
+    pages of libraries faulted in later do not count as training memory."""
     with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = handle.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakSampler:
+    """The highest anon_rss() seen, sampled every millisecond in a thread (torch releases the GIL in
+    its kernels, so the sampler runs while they do)."""
+
+    def __init__(self):
+        self.peak, self._stop = anon_rss(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, anon_rss())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anon_rss())
 
 
 def run_steps(cfg, path: str, ids, labels, n: int) -> None:
@@ -40,6 +71,9 @@ def run_steps(cfg, path: str, ids, labels, n: int) -> None:
 
     plan = plan_loading(cfg.model, cfg.method, training=True)
     model = load_model(path, cfg.model, plan)
+    with torch.no_grad():  # out of the memory-mapped file into process memory, as a move to a GPU would
+        for param in model.parameters():  # (tied weights are one Parameter: copied once, still tied)
+            param.data = param.data.clone()
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -78,9 +112,10 @@ def main() -> int:
     labels[:, : length // 2] = -100
     run_steps(cfg, path, ids[:1, -8:], labels[:1, -8:], 1)  # warm-up: code and imports, not measured
     gc.collect()
-    before = rss()
-    run_steps(cfg, path, ids, labels, args.steps)
-    measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    before = anon_rss()
+    with PeakSampler() as sampler:
+        run_steps(cfg, path, ids, labels, args.steps)
+    measured = sampler.peak - before
 
     (row,) = [r for r in table["rows"] if r["method"] == cfg.method]
     print(json.dumps({"config": args.config, "overrides": args.overrides, "method": cfg.method,
