@@ -88,7 +88,9 @@ def tiny_config(tmp_path, tiny_model_dir):
     def make(**sections) -> Path:
         cfg = {
             "run_name": "tiny", "output_dir": str(tmp_path / "run"), "seed": 1,
-            "model": {"name_or_path": str(tiny_model_dir)},
+            # Pinned: `auto` measures the CPU and picks bf16 on some (AMD EPYC with avx512_bf16), which
+            # changes every number a test compares. Tests of `auto` itself set it explicitly.
+            "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
             "method": "lora",
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "data": {"train_file": str(data), "max_length": 320},
@@ -113,7 +115,8 @@ def tiny_lora_run(tmp_path_factory, tiny_model_dir):
     from instructkit.cli import main
 
     root = tmp_path_factory.mktemp("lora-run")
-    cfg = {"output_dir": str(root / "run"), "seed": 3, "model": {"name_or_path": str(tiny_model_dir)},
+    cfg = {"output_dir": str(root / "run"), "seed": 3,
+           "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
            "data": {"train_file": str(write_jsonl(root / "t.jsonl", ROWS))},
            "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 6,
