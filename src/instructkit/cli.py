@@ -185,17 +185,44 @@ def _cmd_serve(args) -> int:
         raise UserError("instructkit serve needs FastAPI and uvicorn, which are not installed. "
                         "Fix: pip install 'instructkit[serve]'")
     from instructkit.serve import served_name, serve
+    from instructkit.serve_types import ServeLimits
 
-    api_key = args.api_key or os.environ.get("INSTRUCTKIT_API_KEY") or None
+    api_key = _serve_api_key(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: serving on {args.host} without --api-key: anyone who reaches this port can use the model",
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use the model",
               file=sys.stderr)
-    loaded = load_for_inference(args.run_or_model, allow_pickle=args.allow_pickle)
+    try:
+        limits = ServeLimits(**{k: v for k, v in vars(args).items() if k in SERVE_LIMIT_FLAGS and v is not None})
+    except ValueError as exc:
+        raise UserError(f"{exc}. Fix: give a positive number.") from None
+    loaded = load_for_inference(args.run_or_model, precision=args.precision, allow_pickle=args.allow_pickle)
     name = args.model_name or served_name(args.run_or_model)
     print(f"serving {loaded.source} as model '{name}' on http://{args.host}:{args.port}/v1"
           + (" (bearer key required)" if api_key else ""), flush=True)
-    serve(loaded, name, args.host, args.port, api_key)
+    serve(loaded, name, args.host, args.port, api_key, limits)
     return EXIT_OK
+
+
+def _serve_api_key(args) -> str | None:
+    """--api-key-file, else INSTRUCTKIT_API_KEY, else --api-key (which every user of `ps` can read)."""
+    if args.api_key_file and args.api_key:
+        raise UserError("serve: both --api-key-file and --api-key were given. Fix: give only --api-key-file.")
+    if args.api_key_file:
+        from pathlib import Path
+
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UserError(f"--api-key-file {args.api_key_file}: cannot read it ({exc.strerror}). "
+                            "Fix: give a readable file that holds the key on one line.") from None
+        if not key:
+            raise UserError(f"--api-key-file {args.api_key_file} is empty. Fix: write the key into it.")
+        return key
+    if args.api_key:
+        print("warning: --api-key shows the key to anyone who can list processes (ps); "
+              "use --api-key-file or INSTRUCTKIT_API_KEY instead", file=sys.stderr)
+        return args.api_key
+    return os.environ.get("INSTRUCTKIT_API_KEY") or None
 
 
 def _cmd_env(args) -> int:
@@ -228,6 +255,20 @@ def _config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.learning_rate=1e-4")
     p.set_defaults(func=func)
     return p
+
+
+# The limits of `serve` (instructkit.serve_types.ServeLimits, not imported here: --help must answer at once).
+SERVE_LIMIT_FLAGS = {
+    "max_body_bytes": ("max-body-bytes", int, "largest request body (default 1048576)"),
+    "max_messages": ("max-messages", int, "most messages in a chat request (default 128)"),
+    "max_prompt_chars": ("max-prompt-chars", int, "most characters in a prompt (default 100000)"),
+    "max_stop_strings": ("max-stop-strings", int, "most stop strings in a request (default 4)"),
+    "max_stop_chars": ("max-stop-chars", int, "longest stop string (default 128)"),
+    "max_queue": ("max-queue", int, "requests that may wait for the model; past it 429 (default 64)"),
+    "max_batch": ("max-batch", int, "requests generated together in one batch (default 8)"),
+    "request_timeout": ("request-timeout", float, "seconds a request may take, waiting included (default 300)"),
+    "drain_timeout": ("drain-timeout", float, "seconds running requests may finish after SIGTERM (default 2)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,9 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_or_model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set INSTRUCTKIT_API_KEY)")
+    p.add_argument("--api-key-file", help="require 'Authorization: Bearer KEY', KEY read from this file "
+                                          "(or set INSTRUCTKIT_API_KEY)")
+    p.add_argument("--api-key", help="the key itself (visible in ps: prefer --api-key-file)")
     p.add_argument("--model-name", help="the model id clients ask for (default: the run's directory name)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin weights (unpickled)")
+    for name, kind, what in SERVE_LIMIT_FLAGS.values():
+        p.add_argument(f"--{name}", type=kind, help=what)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")

@@ -1,82 +1,46 @@
 """`instructkit serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) for a run or model.
 
 Chat requests are rendered with the template the run trained with, through the same code that built
-the training prompts. One model, one generation at a time: concurrent requests wait in turn on a
-lock (the event loop stays free; generation runs in worker threads). Every error, malformed JSON
-included, is answered in OpenAI's error shape with a 4xx status, and the server keeps running.
+the training prompts. A request is checked (model name, strict types, limits) before any work is done
+for it, its prompt is built off the event loop, then it waits for the model in a bounded queue
+(serve_batch.py) where requests with the same sampling settings share forward passes. Every error is
+answered in OpenAI's shape; a failure inside generation ends only the requests it touched.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the routes' parameter annotations at run
+# time, and `Request` is imported inside create_app, so they must be real classes, not strings.
+import asyncio
 import json
 import secrets
-import threading
 import time
-from typing import Any, Iterator, Literal, Union
-
-from pydantic import BaseModel, ConfigDict, Field
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator
 
 from instructkit.data.formats import Message
 from instructkit.data.templates import stop_token_ids
 from instructkit.generate import Loaded, prompt_example
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI parameters we do not use are accepted and ignored
-    model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1)
-    seed: Union[int, None] = None
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[ContentPart]]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Union[int, None] = Field(None, ge=1)
-    max_completion_tokens: Union[int, None] = Field(None, ge=1)
-
-
-class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=1)
+from instructkit.serve_batch import BatchGenerator, End, Event, Failed, Job, Sampling, Scheduler, Text
+from instructkit.serve_types import (ApiError, ChatRequest, CompletionRequest, SamplingRequest, ServeLimits,
+                                     check_limits, internal_error, over_limit, parse_request)
 
 
 class Engine:
-    """The loaded model behind a lock: prompt ids in, text out (whole or streamed)."""
+    """The loaded model behind a batching queue: checked requests in, jobs whose events are text out."""
 
-    def __init__(self, loaded: Loaded, model_id: str, default_max_tokens: int = 256):
+    def __init__(self, loaded: Loaded, model_id: str, default_max_tokens: int = 256,
+                 limits: ServeLimits | None = None):
         self.loaded, self.model_id, self.default_max_tokens = loaded, model_id, default_max_tokens
-        self.lock = threading.Lock()
-        config = loaded.model.config
-        self.context = getattr(config, "max_position_embeddings", None) or 4096
-        self.device = next(loaded.model.parameters()).device
+        self.limits = limits or ServeLimits()
+        self.context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+        self.scheduler = Scheduler(self.limits, BatchGenerator(loaded))
+        # One thread builds prompts, in turn: off the event loop, and never holding a shared pool thread
+        # (tokenizers are not safe to reconfigure from several threads at once).
+        self.prompt_pool = ThreadPoolExecutor(1, thread_name_prefix="instructkit-prompt")
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'",
+                           "model_not_found", "model")
 
     def chat_ids(self, request: ChatRequest) -> list[int]:
         messages = tuple(Message("system" if m.role == "developer" else m.role, m.text()) for m in request.messages)
@@ -86,138 +50,237 @@ class Engine:
         return prompt_example(self.loaded, messages).input_ids
 
     def completion_ids(self, request: CompletionRequest) -> list[int]:
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-        if len(prompts) != 1:
-            raise ApiError(400, "this server completes one prompt per request", "unsupported_value", "prompt")
-        return self.loaded.tokenizer(prompts[0])["input_ids"]
+        prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
+        return self.loaded.tokenizer(prompt)["input_ids"]
 
-    def check(self, request: _Request, ids: list[int], max_tokens: int) -> None:
-        if request.model != self.model_id:
-            raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{self.model_id}'",
-                           "model_not_found", "model")
-        if request.n != 1:
-            raise ApiError(400, "n must be 1 on this server", "unsupported_value", "n")
-        if len(ids) + max_tokens > self.context:
-            raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
-                           f"{len(ids)} and max_tokens asks for {max_tokens} more. Shorten the messages or lower "
-                           "max_tokens.", "context_length_exceeded", "messages")
+    def max_tokens(self, request: SamplingRequest) -> int:
+        if isinstance(request, ChatRequest):
+            return request.max_completion_tokens or request.max_tokens or self.default_max_tokens
+        return request.max_tokens
 
-    def _kwargs(self, request: _Request, ids: list[int], max_tokens: int, chat: bool) -> dict:
-        import torch
-        from transformers import GenerationConfig
-
+    def sampling(self, request: SamplingRequest) -> Sampling:
         tok = self.loaded.tokenizer
-        sampling = (dict(do_sample=True, temperature=request.temperature, top_p=request.top_p)
-                    if request.temperature > 0 else dict(do_sample=False))
-        eos = stop_token_ids(tok, self.loaded.template) if chat else tok.eos_token_id
-        stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
-        config = GenerationConfig(max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                                  stop_strings=stops or None, **sampling)
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
-        return dict(input_ids=torch.tensor([ids], device=self.device), generation_config=config, tokenizer=tok)
+        eos = stop_token_ids(tok, self.loaded.template) if isinstance(request, ChatRequest) else [tok.eos_token_id]
+        greedy = request.temperature == 0
+        return Sampling(not greedy, 0.0 if greedy else request.temperature, 1.0 if greedy else request.top_p,
+                        tuple(sorted(i for i in eos if i is not None)), request.seed)
 
-    def generate(self, request: _Request, ids: list[int], max_tokens: int, chat: bool) -> tuple[str, int, str]:
-        """(text, completion tokens, finish_reason)."""
-        import torch
+    async def start(self, request: SamplingRequest) -> Job:
+        """Check, queue-admit, build the prompt off the loop, check its length, and queue the job."""
+        self.check_model(request.model)  # before any work: a wrong name costs nothing
+        check_limits(request, self.limits)
+        self.scheduler.admit()
+        try:
+            build = self.chat_ids if isinstance(request, ChatRequest) else self.completion_ids
+            ids = await asyncio.get_running_loop().run_in_executor(self.prompt_pool, build, request)
+            max_tokens = self.max_tokens(request)
+            if len(ids) + max_tokens > self.context:
+                raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the prompt "
+                                    f"has {len(ids)} and max_tokens asks for {max_tokens} more. Shorten the messages "
+                                    "or lower max_tokens.", "context_length_exceeded", "messages")
+            job = Job(ids, max_tokens, request.stops(), self.sampling(request),
+                      time.monotonic() + self.limits.request_timeout)
+        except BaseException:
+            self.scheduler.release()
+            raise
+        self.scheduler.submit(job)
+        return job
 
-        with self.lock, torch.no_grad():
-            out = self.loaded.model.generate(**self._kwargs(request, ids, max_tokens, chat))[0, len(ids):]
-        text, reason = self._finish(request, self.loaded.tokenizer.decode(out, skip_special_tokens=True),
-                                    len(out) >= max_tokens)
-        return text, len(out), reason
+    def health(self) -> tuple[int, dict]:
+        s = self.scheduler
+        body = {"status": "ok", "model": self.model_id, "queued": len(s.pending) + s.reserved,
+                "running": len(s.running)}
+        if s.stuck_for():
+            return 503, {**body, "status": "stuck", "detail": f"a generation is {s.stuck_for():.0f} s past its time "
+                                                              "limit and does not stop; restart the server"}
+        if s.draining:
+            return 503, {**body, "status": "draining"}
+        return 200, body
 
-    @staticmethod
-    def _finish(request: _Request, text: str, at_limit: bool) -> tuple[str, str]:
-        stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
-        cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-        if cut >= 0:
-            return text[:cut], "stop"
-        return text, "length" if at_limit else "stop"
 
-    def stream(self, request: _Request, ids: list[int], max_tokens: int, chat: bool) -> Iterator[str | None]:
-        """Text pieces as they are generated; None last if the token limit was reached."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+async def next_event(job: Job) -> Event:
+    """The job's next event, or a timeout error once its deadline has passed (a stuck worker included)."""
+    grace = 1.0  # the worker reports its own timeout within a token; this is for when it cannot
+    try:
+        return await asyncio.wait_for(job.events.get(), max(job.deadline - time.monotonic(), 0) + grace)
+    except asyncio.TimeoutError:
+        job.cancel(job.timeout_error())
+        return Failed(job.timeout_error())
 
-        cancelled = threading.Event()
 
-        class Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
-        streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        count = [0]
 
-        def run():
-            with torch.no_grad():
-                out = self.loaded.model.generate(**self._kwargs(request, ids, max_tokens, chat), streamer=streamer,
-                                                 stopping_criteria=StoppingCriteriaList([Cancel()]))
-            count[0] = out.shape[1] - len(ids)
+def watch_disconnect(receive, job: Job) -> asyncio.Task:
+    """Cancel the job (within one token) as soon as its client goes away, streamed or not: without
+    this, a stream learns of it only when a send fails, and a waiting request never."""
+    def gone(task: asyncio.Task) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved, so a receive() that failed is not reported as unhandled
+            job.cancel()
 
-        with self.lock:
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
-            try:
-                yield from streamer
-            finally:  # the client went away, or we are done: stop generating and wait for the thread
-                cancelled.set()
-                worker.join()
-        if count[0] >= max_tokens:
-            yield None
+    task = asyncio.ensure_future(_until_disconnect(receive))
+    task.add_done_callback(gone)
+    return task
 
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, api_key: str | None = None):
-    """The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, /health."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
+class Reply:
+    """The OpenAI response shapes of one request (chat or text completion, whole or chunked)."""
 
-    app = FastAPI(title="instructkit", docs_url=None, redoc_url=None)
+    def __init__(self, model_id: str, chat: bool):
+        self.chat, self.model_id = chat, model_id
+        self.id, self.created = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", int(time.time())
+        self.kind = "chat.completion" if chat else "text_completion"
+
+    def choice(self, text: str | None, reason: str | None, delta: bool) -> dict:
+        if self.chat:
+            body = {"delta": {} if text is None else {"content": text}} if delta else \
+                {"message": {"role": "assistant", "content": text}}
+        else:
+            body = {"text": text or "", "logprobs": None}
+        return {"index": 0, **body, "finish_reason": reason}
+
+    def chunk(self, choice: dict) -> str:
+        kind = f"{self.kind}.chunk" if self.chat else self.kind
+        return _sse({"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
+                     "choices": [choice]})
+
+    def whole(self, text: str, end: End, prompt_tokens: int) -> dict:
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model_id,
+                "choices": [self.choice(text, end.reason, False)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": end.tokens,
+                          "total_tokens": prompt_tokens + end.tokens}}
+
+
+async def answer_whole(job: Job, reply: Reply, receive) -> dict:
+    watcher = watch_disconnect(receive, job)
+    try:
+        parts = []
+        while isinstance(event := await next_event(job), Text):
+            parts.append(event.text)
+    finally:
+        watcher.cancel()
+    if isinstance(event, Failed):
+        raise event.error
+    return reply.whole("".join(parts), event, len(job.ids))
+
+
+async def answer_stream(job: Job, reply: Reply, receive) -> AsyncIterator[str]:
+    """Server-sent events; a failure becomes an error event, then the stream ends. However the stream
+    ends (done, failed, client gone, task cancelled), the job is cancelled, so its rows stop."""
+    watcher = watch_disconnect(receive, job)
+    try:
+        if reply.chat:
+            yield reply.chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        while isinstance(event := await next_event(job), Text):
+            yield reply.chunk(reply.choice(event.text, None, True))
+        if isinstance(event, Failed):
+            yield _sse(event.error.body())
+        elif event.reason != "cancelled":
+            yield reply.chunk(reply.choice(None if reply.chat else "", event.reason, True))
+            yield "data: [DONE]\n\n"
+    finally:
+        watcher.cancel()
+        job.cancel()
+
+
+class Guard:
+    """Plain ASGI middleware in front of FastAPI: the bearer key on every route but /health (the API
+    schema included), and the body size limit, checked while the body is read rather than after
+    (FastAPI's own max_body_size is newer than the FastAPI versions we support)."""
+
+    def __init__(self, app, api_key: str | None, limits: ServeLimits):
+        self.app, self.api_key, self.limits = app, api_key, limits
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"] != "/health" and not self._authorized(scope):
+            return await self._refuse(scope, receive, send, ApiError(
+                401, "Incorrect API key provided. Send the header 'Authorization: Bearer KEY' with the server's key.",
+                "invalid_api_key", kind="authentication_error", headers={"WWW-Authenticate": "Bearer"}))
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limits.max_body_bytes:
+                return await self._refuse(scope, receive, send, over_limit(
+                    "the request body is larger than allowed", self.limits, "max_body_bytes", None,
+                    "body_too_large", 413))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # after the body, the client's own events: its disconnect above all
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return secrets.compare_digest(given, f"Bearer {self.api_key}".encode())
+
+    @staticmethod
+    async def _refuse(scope, receive, send, error: ApiError) -> None:
+        from starlette.responses import JSONResponse
+
+        await JSONResponse(error.body(), status_code=error.status, headers=error.headers)(scope, receive, send)
+
+
+def create_app(engine: Engine, api_key: str | None = None):
+    """The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, /health (the one open route)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import StreamingResponse
+
+    class Stream(StreamingResponse):
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            except (ClientDisconnect, OSError):  # the client left mid-stream: its job is cancelled already
+                pass
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        engine.scheduler.stop_now()  # the server is going: stop the generation thread within one token
+
+    app = FastAPI(title="instructkit", docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = "We could not parse the JSON body of your request." if first.get("type") == "json_invalid" \
-            else f"Invalid request: {where or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(ApiError(400, message, first.get("type"), where).body(), status_code=400)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail), None).body(), status_code=exc.status_code)
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def internal(_request, exc: Exception):
-        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", None,
-                                     kind="server_error").body(), status_code=500)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(ApiError(401, "Incorrect API key provided.", "invalid_api_key").body(),
-                                    status_code=401)
-        return await call_next(request)
+    async def internal(request, exc: Exception):
+        return JSONResponse(internal_error(exc, request.url.path).body(), status_code=500)
 
     def model_card() -> dict:
         return {"id": engine.model_id, "object": "model", "created": int(time.time()), "owned_by": "instructkit"}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.model_id}
+        status, body = engine.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models")
     async def models():
@@ -225,74 +288,31 @@ def create_app(engine: Engine, api_key: str | None = None):
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str):
-        if model_id != engine.model_id:
-            raise ApiError(404, f"The model '{model_id}' does not exist", "model_not_found", "model")
+        engine.check_model(model_id)
         return model_card()
 
-    def respond(request: _Request, ids: list[int], max_tokens: int, chat: bool):
-        engine.check(request, ids, max_tokens)
-        created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
-        kind = "chat.completion" if chat else "text_completion"
-
-        def choice(text: str | None, reason: str | None, delta: bool) -> dict:
-            if chat:
-                body = {"delta": {} if text is None else {"content": text}} if delta else \
-                    {"message": {"role": "assistant", "content": text}}
-            else:
-                body = {"text": text or "", "logprobs": None}
-            return {"index": 0, **body, "finish_reason": reason}
-
-        if not request.stream:
-            async def whole():
-                text, n, reason = await run_in_threadpool(engine.generate, request, ids, max_tokens, chat)
-                return {"id": ident, "object": kind, "created": created, "model": engine.model_id,
-                        "choices": [choice(text, reason, False)],
-                        "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
-            return whole()
-
-        def events() -> Iterator[str]:
-            chunk = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                     "model": engine.model_id}
-            if chat:
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}]})
-            stops = [request.stop] if isinstance(request.stop, str) else [s for s in request.stop or [] if s]
-            hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop string
-            reason, sent, pending = "stop", "", ""
-            pieces = engine.stream(request, ids, max_tokens, chat)
-            for piece in pieces:
-                if piece is None:
-                    reason = "length"
-                    continue
-                pending += piece
-                cut = min((i for i in ((sent + pending).find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:  # never send the stop string itself, as OpenAI does not
-                    pending, reason = (sent + pending)[len(sent):cut], "stop"
-                    pieces.close()
-                    break
-                ready = pending[:max(len(pending) - hold, 0)]
-                if ready:
-                    sent, pending = sent + ready, pending[len(ready):]
-                    yield _sse({**chunk, "choices": [choice(ready, None, True)]})
-            if pending:
-                yield _sse({**chunk, "choices": [choice(pending, None, True)]})
-            yield _sse({**chunk, "choices": [choice(None if chat else "", reason, True)]})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+    async def respond(http: Request, kind: type[SamplingRequest]):
+        try:
+            request = parse_request(kind, await http.body())
+            job = await engine.start(request)
+            reply = Reply(engine.model_id, chat=kind is ChatRequest)
+            if request.stream:
+                return Stream(answer_stream(job, reply, http.receive), media_type="text/event-stream")
+            return await answer_whole(job, reply, http.receive)
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered here, so the log has it once, under its id
+            raise internal_error(exc, http.url.path) from None
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
-        ids = engine.chat_ids(request)
-        max_tokens = request.max_completion_tokens or request.max_tokens or engine.default_max_tokens
-        out = respond(request, ids, max_tokens, chat=True)
-        return await out if not isinstance(out, StreamingResponse) else out
+    async def chat_completions(http: Request):
+        return await respond(http, ChatRequest)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
-        out = respond(request, engine.completion_ids(request), request.max_tokens, chat=False)
-        return await out if not isinstance(out, StreamingResponse) else out
+    async def completions(http: Request):
+        return await respond(http, CompletionRequest)
 
+    app.add_middleware(Guard, api_key=api_key, limits=engine.limits)
     return app
 
 
@@ -304,8 +324,32 @@ def served_name(run_or_model: str) -> str:
     return path.resolve().name if path.exists() else run_or_model
 
 
-def serve(loaded: Loaded, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None) -> None:
+def serve(loaded: Loaded, model_id: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: ServeLimits | None = None) -> None:
+    """Serve until SIGTERM or Ctrl-C, then drain: queued requests get 503 at once, running ones may
+    finish for limits.drain_timeout seconds, then every connection is closed and the call returns."""
+    import logging
+    import signal
+
     import uvicorn
 
-    uvicorn.run(create_app(Engine(loaded, model_id), api_key), host=host, port=port, log_level="info")
+    engine = Engine(loaded, model_id, limits=limits)
+    logger = logging.getLogger("instructkit.serve")
+    if not logger.handlers:  # 500s are logged with their id and traceback next to uvicorn's own lines
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Not re-raised after shutdown (uvicorn's default), so a drained server exits with code 0.
+            self.force_exit = self.should_exit and sig == signal.SIGINT  # a second Ctrl-C: stop waiting for connections
+            self.should_exit = True
+            try:
+                asyncio.get_running_loop().call_soon_threadsafe(engine.scheduler.drain)
+            except RuntimeError:  # not started yet: nothing to drain
+                pass
+
+    config = uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=max(1, round(engine.limits.drain_timeout + 1)))
+    Server(config).run()

@@ -1,5 +1,6 @@
 """`instructkit serve` on 127.0.0.1, called with the official openai client: chat, streaming,
-completions, concurrent requests, a wrong key, malformed JSON, an unknown model, a too-long prompt."""
+completions, batched concurrent requests, keys, strict types, limits, and the faults that used to wedge
+the server (a generation that raises, a client that leaves, a full queue, a stuck step)."""
 
 import json
 import socket
@@ -23,24 +24,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_lora_run):
+def start_server(app) -> tuple:
+    """uvicorn in a thread on a free 127.0.0.1 port; returns (server, thread, url)."""
     import uvicorn
 
-    from instructkit.generate import load_for_inference
-    from instructkit.serve import Engine, create_app
-
-    loaded = load_for_inference(str(tiny_lora_run), precision="fp32")
-    port = free_port()
-    app = create_app(Engine(loaded, "tiny", default_max_tokens=12), api_key=KEY)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started:
         assert time.time() < deadline
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "loaded": loaded}
+    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """The random-weight tiny model, fp32: it answers with many varied tokens (the trained tiny run mostly
+    ends at once), so comparisons of answers can fail. Its template is the builtin one a run trains with."""
+    from instructkit.generate import load_for_inference
+    from instructkit.serve import Engine, create_app
+
+    loaded = load_for_inference(str(tiny_model_dir), precision="fp32")
+    engine = Engine(loaded, "tiny", default_max_tokens=12)
+    srv, thread, url = start_server(create_app(engine, api_key=KEY))
+    yield {"url": url, "loaded": loaded, "engine": engine}
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -105,14 +113,20 @@ def test_wrong_key_unknown_model_and_too_long_prompt_are_4xx(client, server):
     assert err.value.body["code"] == "context_length_exceeded" and "maximum context length" in err.value.message
 
 
-def raw(server, body: bytes, path="/v1/chat/completions", key=KEY):
-    request = urllib.request.Request(server["url"] + path, data=body, method="POST",
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+def call(url: str, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple:
+    """(status, JSON body, headers) of one request, errors included."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url + path, data=body, method="POST" if body is not None else "GET",
+                                     headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
+            return response.status, json.loads(response.read()), response.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        return exc.code, json.loads(exc.read()), exc.headers
+
+
+def raw(server, body: bytes, path="/v1/chat/completions", key=KEY):
+    return call(server["url"], path, body, key)[:2]
 
 
 @pytest.mark.parametrize("body", [b"{not json", b'{"model": "tiny"}', b'{"model": "tiny", "messages": []}',
@@ -126,24 +140,288 @@ def test_malformed_requests_get_openai_shaped_400s_and_the_server_lives(server, 
     assert status == 200 and answer["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_the_cli_serves_on_localhost_only_by_default(tiny_lora_run):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "instructkit", "serve", str(tiny_lora_run), "--port", str(port)],
+def test_the_cli_serves_on_localhost_only_by_default_with_a_key_from_a_file_that_ps_does_not_show(tiny_lora_run,
+                                                                                                  tmp_path):
+    import psutil
+
+    port, secret = free_port(), "file-key-7f3a"
+    (tmp_path / "key").write_text(secret + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "instructkit", "serve", str(tiny_lora_run), "--port", str(port),
+                             "--api-key-file", str(tmp_path / "key"), "--precision", "fp32"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
-                    assert json.loads(response.read())["data"][0]["id"] == "run"
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None and time.time() < deadline
-                time.sleep(0.2)
-        import psutil
-
+        while not _listening(port):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        assert call(f"http://127.0.0.1:{port}", "/v1/models", key=None)[0] == 401
+        status, body, _ = call(f"http://127.0.0.1:{port}", "/v1/models", key=secret)
+        assert status == 200 and body["data"][0]["id"] == "run"
+        assert not any(secret in arg for p in psutil.process_iter(["cmdline"]) for arg in p.info["cmdline"] or [])
         bound = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == "LISTEN"}
         assert bound == {"127.0.0.1"}, bound
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def chat(text: str, **fields) -> bytes:
+    return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": text}], **fields}).encode()
+
+
+@pytest.fixture
+def jobs(server, monkeypatch):
+    """Every job the server queues from now on, to look at what generation did."""
+    seen, scheduler = [], server["engine"].scheduler
+    submit = scheduler.submit
+    monkeypatch.setattr(scheduler, "submit", lambda job: (seen.append(job), submit(job))[1])
+    return seen
+
+
+def open_stream(url: str, body: bytes, path: str = "/v1/completions", key: str | None = KEY):
+    """A raw streaming request, so the test decides when to read and when to hang up."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", path, body, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    response = conn.getresponse()
+    assert response.status == 200
+    return conn, response
+
+
+def read_events(response, count: int) -> list[str]:
+    events = []
+    while len(events) < count:
+        line = response.fp.readline().decode()
+        assert line, "the stream ended early"
+        if line.startswith("data: "):
+            events.append(line[6:].strip())
+    return events
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.01)
+
+
+def test_queued_requests_are_batched_and_answer_exactly_as_one_at_a_time(server, jobs):
+    """Greedy, streamed and whole alike, in one batch of 8: the same text as each alone (fp32, tiny model)."""
+    prompts = ["Say yes.", "Say no.", "Add one. 2", "Name a fruit.", "Repeat the word. cat", "Name a color.",
+               "Add one. 7", "Repeat the word. dog"]
+    bodies = [chat(p, max_tokens=6 + i, temperature=0, stream=i % 2 == 1) for i, p in enumerate(prompts)]
+
+    def text(status_body):
+        if status_body.startswith(b"data:"):
+            chunks = [json.loads(x[6:]) for x in status_body.decode().split("\n\n") if x.startswith("data: {")]
+            return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks), chunks[-1]["choices"][0]
+        answer = json.loads(status_body)["choices"][0]
+        return answer["message"]["content"], answer
+
+    def ask(body):
+        request = urllib.request.Request(server["url"] + "/v1/chat/completions", data=body, method="POST",
+                                         headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            content, choice = text(response.read())
+        return content, choice["finish_reason"]
+
+    alone = [ask(b) for b in bodies]
+    engine = server["engine"]
+    before = engine.scheduler.batch_sizes[8]
+    # Hold the model with another request, so that the eight queue up and start together.
+    conn, response = open_stream(server["url"], json.dumps({"model": "tiny", "prompt": "Once upon", "max_tokens": 900,
+                                                            "temperature": 0, "stream": True}).encode())
+    read_events(response, 2)
+    with ThreadPoolExecutor(8) as pool:
+        answers = [pool.submit(ask, b) for b in bodies]
+        wait_until(lambda: len(engine.scheduler.pending) == 8, 30, "eight requests queued")
+        response.close()
+        conn.close()
+        assert [a.result(timeout=60) for a in answers] == alone
+    assert engine.scheduler.batch_sizes[8] == before + 1
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_model_within_one_token(server, jobs, client):
+    conn, response = open_stream(server["url"], json.dumps({"model": "tiny", "prompt": "Once upon", "max_tokens": 900,
+                                                            "temperature": 0, "stream": True}).encode())
+    read_events(response, 3)
+    response.close()
+    conn.close()
+    engine = server["engine"]
+    wait_until(lambda: not engine.scheduler.running, 10, "the generation stopped after the client left")
+    job = jobs[-1]
+    assert job.tokens_at_cancel is not None and job.tokens - job.tokens_at_cancel <= 1 and job.tokens < 900
+    reply = client.completions.create(model="tiny", prompt="Once upon", max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens == 3
+
+
+def test_a_generation_that_raises_ends_its_stream_with_an_error_event_and_the_next_request_is_answered(
+        server, client, monkeypatch):
+    base = server["loaded"].model
+    forward, calls = base.forward, [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("injected failure: secret internals")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(base, "forward", failing)
+    texts = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in client.completions.create(model="tiny", prompt="Once upon", max_tokens=50, temperature=0,
+                                               stream=True):
+            texts.append(chunk.choices[0].text)
+    assert calls[0] == 4 and "".join(texts)  # three tokens streamed, then the error event
+    assert err.value.body["type"] == "server_error" and "internal error (id " in err.value.message
+    assert "secret" not in err.value.message
+    reply = client.completions.create(model="tiny", prompt="Once upon", max_tokens=5, temperature=0)
+    assert reply.usage.completion_tokens == 5
+    assert call(server["url"], "/health", key=None)[0] == 200
+
+
+def test_an_internal_error_is_a_500_with_an_id_that_the_log_has_with_its_traceback(server, monkeypatch, caplog):
+    def broken(request):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server["engine"], "chat_ids", broken)
+    status, body, _ = call(server["url"], "/v1/chat/completions", chat("hi"))
+    assert status == 500 and body["error"]["type"] == "server_error" and "secret" not in json.dumps(body)
+    error_id = body["error"]["message"].split("(id ")[1].split(")")[0]
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and "secret internals" in caplog.text and logged[0].exc_info
+
+
+@pytest.mark.parametrize("fields, param", [({"max_tokens": True}, "max_tokens"), ({"temperature": "0.5"}, "temperature"),
+                                           ({"seed": 2**70}, "seed"), ({"seed": -1}, "seed"), ({"n": 1.0}, "n"),
+                                           ({"stream": "yes"}, "stream"), ({"stop": 5}, "stop")])
+def test_types_are_strict_and_the_seed_fits_64_bits(server, fields, param):
+    status, body, _ = call(server["url"], "/v1/chat/completions", chat("hi", **fields))
+    assert status == 400 and body["error"]["param"].split(".")[0] == param, body
+
+
+def test_an_empty_stop_string_is_ignored_and_a_real_one_cuts_whole_and_streamed_replies_alike(client):
+    def both(**kw):
+        whole = client.completions.create(model="tiny", prompt="Once upon", max_tokens=12, temperature=0, **kw)
+        streamed = list(client.completions.create(model="tiny", prompt="Once upon", max_tokens=12, temperature=0,
+                                                  stream=True, **kw))
+        assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+        assert streamed[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+        return whole.choices[0]
+
+    plain = both()
+    assert both(stop="").text == plain.text == both(stop=["", ""]).text
+    stop = plain.text[4:6]
+    cut = both(stop=[stop, "\u2603\u2603"])
+    assert cut.text == plain.text[:plain.text.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_every_route_but_health_needs_the_key(server):
+    for path in ("/openapi.json", "/docs", "/v1/models", "/v1/models/tiny", "/no/such/route"):
+        status, body, headers = call(server["url"], path, key=None)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key" and headers["WWW-Authenticate"] == "Bearer"
+    assert call(server["url"], "/openapi.json")[0] == 200
+    status, body, _ = call(server["url"], "/health", key=None)
+    assert status == 200 and body["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def tight(server):
+    """A second server on the same model with small limits, no key, and a short time limit."""
+    from instructkit.serve import Engine, create_app
+    from instructkit.serve_types import ServeLimits
+
+    limits = ServeLimits(max_body_bytes=4096, max_messages=4, max_prompt_chars=300, max_stop_strings=2,
+                         max_stop_chars=8, max_queue=2, request_timeout=2.0, stuck_grace=0.5)
+    engine = Engine(server["loaded"], "tiny", default_max_tokens=6, limits=limits)
+    srv, thread, url = start_server(create_app(engine))
+    yield {"url": url, "engine": engine, "model": server["loaded"].model}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def slow_steps(monkeypatch, model, seconds: float, only_call: int | None = None) -> None:
+    forward, calls = model.forward, [0]
+
+    def slow(*args, **kwargs):
+        calls[0] += 1
+        if only_call is None or calls[0] == only_call:
+            time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow)
+
+
+@pytest.mark.parametrize("body, flag", [
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}] * 5}), "--max-messages"),
+    (chat("x" * 301), "--max-prompt-chars"),
+    (chat("hi", stop=["a", "b", "c"]), "--max-stop-strings"),
+    (chat("hi", stop="123456789"), "--max-stop-chars"),
+    (chat("x" * 200, stop=["a"] * 2000), "--max-body-bytes")])
+def test_each_limit_is_refused_naming_the_flag_that_raises_it(tight, body, flag):
+    status, answer, _ = call(tight["url"], "/v1/chat/completions", body if isinstance(body, bytes) else body.encode(),
+                             key=None)
+    assert status == (413 if flag == "--max-body-bytes" else 400) and flag in answer["error"]["message"], answer
+
+
+def test_the_model_name_is_checked_before_anything_else(tight):
+    body = json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x" * 100}] * 5}).encode()
+    status, answer, _ = call(tight["url"], "/v1/chat/completions", body, key=None)
+    assert status == 404 and answer["error"]["code"] == "model_not_found"
+
+
+def test_past_the_queue_requests_get_429_with_retry_after_and_the_queued_ones_are_answered(tight, monkeypatch):
+    slow_steps(monkeypatch, tight["model"], 0.02)
+    engine = tight["engine"]
+    conn, response = open_stream(tight["url"], json.dumps({"model": "tiny", "prompt": "Once upon", "max_tokens": 500,
+                                                           "temperature": 0, "stream": True}).encode(), key=None)
+    read_events(response, 1)
+    with ThreadPoolExecutor(2) as pool:
+        queued = [pool.submit(call, tight["url"], "/v1/chat/completions", chat(p, temperature=0), None)
+                  for p in ("Say yes.", "Say no.")]
+        wait_until(lambda: len(engine.scheduler.pending) == 2, 10, "two requests queued")
+        status, answer, headers = call(tight["url"], "/v1/chat/completions", chat("Say yes."), key=None)
+        assert status == 429 and answer["error"]["code"] == "queue_full" and "--max-queue" in answer["error"]["message"]
+        assert int(headers["Retry-After"]) >= 1
+        response.close()
+        conn.close()
+        assert [q.result(timeout=10)[0] for q in queued] == [200, 200]
+
+
+def test_a_stuck_step_turns_health_503_the_request_gets_504_and_the_server_recovers(tight, monkeypatch):
+    slow_steps(monkeypatch, tight["model"], 3.5, only_call=2)
+    with ThreadPoolExecutor(1) as pool:
+        started = time.time()
+        pending = pool.submit(call, tight["url"], "/v1/chat/completions", chat("Say yes.", temperature=0), None)
+        wait_until(lambda: call(tight["url"], "/health", key=None)[0] == 503, 5, "health reports the stuck step")
+        assert call(tight["url"], "/health", key=None)[1]["status"] == "stuck"
+        status, answer, _ = pending.result(timeout=10)
+        assert status == 504 and answer["error"]["code"] == "request_timeout" and time.time() - started < 4
+    wait_until(lambda: call(tight["url"], "/health", key=None)[0] == 200, 5, "health is back once the step ends")
+    assert call(tight["url"], "/v1/chat/completions", chat("Say yes.", max_tokens=2), key=None)[0] == 200
+
+
+def test_the_serve_flags_document_the_limits_defaults_and_a_key_on_the_command_line_warns(tmp_path, capsys):
+    import dataclasses
+    import re
+
+    from instructkit.cli import SERVE_LIMIT_FLAGS, main
+    from instructkit.serve_types import ServeLimits
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ServeLimits)}
+    for field, (name, _, what) in SERVE_LIMIT_FLAGS.items():  # the CLI states them without importing them
+        assert name == field.replace("_", "-") and float(re.search(r"\(default ([\d.]+)\)", what)[1]) == defaults[field]
+    assert main(["serve", str(tmp_path / "missing"), "--api-key", "k"]) == 2
+    assert "--api-key shows the key to anyone who can list processes" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing"), "--api-key-file", str(tmp_path / "nokey")]) == 2
+    assert "--api-key-file" in capsys.readouterr().err
