@@ -67,18 +67,13 @@ def run_steps(cfg, path: str, ids, labels, n: int) -> None:
     import torch
 
     from instructkit.loss import SupervisedLoss
-    from instructkit.models import apply_lora, load_model, plan_loading
+    from instructkit.models import plan_loading
+    from instructkit.prepare import setup_model
 
-    plan = plan_loading(cfg.model, cfg.method, training=True)
-    model = load_model(path, cfg.model, plan)
+    model = setup_model(cfg, path, plan_loading(cfg.model, cfg.method, training=True))
     with torch.no_grad():  # out of the memory-mapped file into process memory, as a move to a GPU would
         for param in model.parameters():  # (tied weights are one Parameter: copied once, still tied)
             param.data = param.data.clone()
-    model.config.use_cache = False
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.method == "lora":
-        model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
     model.train()
     loss_fn = SupervisedLoss(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -17,16 +17,45 @@ import json
 import os
 import random
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from instructkit.errors import user_error
+from instructkit.files import atomic_path
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
 SHARED_FILES = ("optimizer.json", "scheduler.json", "rng.json", "rng.safetensors", "state.json")
 RANK_FILES = ("trainable", "optimizer")  # .safetensors, or .rankNNNNN.safetensors when sharded
+
+
+class TrainingProgress(BaseModel):
+    """Where a run stands, as a checkpoint's state.json stores it. Read back strictly, like a config: a
+    hand-edited or damaged file is refused with its reason instead of steering the resumed run."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    step: int = Field(ge=0)
+    epoch_index: int = Field(ge=0)
+    batch_in_epoch: int = Field(ge=0)  # micro-batches of this process done in the epoch
+    epoch: float = Field(ge=0)
+    total_steps: int = Field(ge=1)
+    seed: int
+    global_batch: int = Field(ge=1)
+    world_size: int = Field(1, ge=1, le=65536)  # a bound: verifying lists one file per rank
+    sharded: bool = False
+
+
+def read_progress(path: Path) -> TrainingProgress:
+    """The checkpoint's state.json, validated; ValueError saying what is wrong (OSError when unreadable)."""
+    try:
+        return TrainingProgress.model_validate_json((path / "state.json").read_bytes())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors()[:3])
+        raise ValueError(f"state.json is not valid ({problems})") from None
 
 
 @dataclass
@@ -153,7 +182,7 @@ def trainable_state(model, sharded: bool = False) -> dict:
     return {n: _export(p, sharded) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, run_state: dict,
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, progress: TrainingProgress,
                     keep: int | None, ranks: Ranks | None = None) -> Path | None:
     """Write one complete checkpoint atomically, then prune old ones (never the newest complete).
     Every rank calls it; rank 0 renames it into place and returns its path (others get None).
@@ -164,39 +193,35 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, run_s
 
     ranks = ranks or Ranks()
     root = run_dir / "checkpoints"
-    final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
+    final, tmp_name = root / step_dir_name(step), f".{step_dir_name(step)}.tmp"  # one name: every rank writes in it
     weights = trainable_state(model, ranks.sharded)
     tensors, meta = optimizer_to_files(optimizer.state_dict(), ranks.sharded)
     rng = ranks.gather(rng_to_files())
+    progress = progress.model_copy(update={"world_size": ranks.world, "sharded": ranks.sharded})
     try:
-        if ranks.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        ranks.barrier()
-        if ranks.main or ranks.sharded:
-            save_file(weights, str(tmp / _rank_file("trainable", ranks.rank, ranks.sharded)))
-            save_file(tensors, str(tmp / _rank_file("optimizer", ranks.rank, ranks.sharded)))
-        if ranks.main:
-            (tmp / "optimizer.json").write_text(json.dumps(meta))
-            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=lambda o: None))
-            save_file({f"{r}.{k}": v for r, (t, _) in enumerate(rng) for k, v in t.items()},
-                      str(tmp / "rng.safetensors"))
-            (tmp / "rng.json").write_text(json.dumps({"ranks": [m for _, m in rng]}))
-            (tmp / "state.json").write_text(json.dumps(
-                {**run_state, "world_size": ranks.world, "sharded": ranks.sharded}, indent=2))
-        ranks.barrier()
-        if not ranks.main:
-            return None
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_path(final, tmp_name) if ranks.main else nullcontext(root / tmp_name) as tmp:
+            if ranks.main:
+                tmp.mkdir(parents=True)
+            ranks.barrier()
+            if ranks.main or ranks.sharded:
+                save_file(weights, str(tmp / _rank_file("trainable", ranks.rank, ranks.sharded)))
+                save_file(tensors, str(tmp / _rank_file("optimizer", ranks.rank, ranks.sharded)))
+            if ranks.main:
+                (tmp / "optimizer.json").write_text(json.dumps(meta))
+                (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=lambda o: None))
+                save_file({f"{r}.{k}": v for r, (t, _) in enumerate(rng) for k, v in t.items()},
+                          str(tmp / "rng.safetensors"))
+                (tmp / "rng.json").write_text(json.dumps({"ranks": [m for _, m in rng]}))
+                (tmp / "state.json").write_text(progress.model_dump_json(indent=2))
+            ranks.barrier()
+            if not ranks.main:
+                return None
+            _fsync_tree(tmp)
         with open(final / COMPLETE, "w") as handle:  # written last: a checkpoint without it is incomplete
             handle.write(str(step))
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         raise user_error(f"cannot write the checkpoint of step {step} in {root} "
                          f"({'the disk is full' if full else exc.strerror or exc}); earlier checkpoints are intact",
@@ -222,10 +247,12 @@ def verify_checkpoint(path: Path) -> str | None:
     if not (path / COMPLETE).is_file():
         return "it has no COMPLETE marker (it was being written when the run stopped)"
     try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as exc:
+        progress = read_progress(path)
+    except OSError as exc:
         return f"state.json is unreadable ({type(exc).__name__})"
-    sharded, world = bool(state.get("sharded")), int(state.get("world_size", 1))
+    except ValueError as exc:
+        return str(exc)
+    sharded, world = progress.sharded, progress.world_size
     rank_files = [_rank_file(stem, r, sharded) for stem in RANK_FILES for r in range(world if sharded else 1)]
     for name in [*rank_files, *SHARED_FILES]:
         file = path / name
@@ -257,14 +284,14 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
     return None, warnings
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainingProgress:
     """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint (into plain or
-    FSDP-sharded parameters); returns its run state."""
+    FSDP-sharded parameters); returns where the run stood."""
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((path / "state.json").read_text())
-    sharded = bool(state.get("sharded"))
+    state = read_progress(path)
+    sharded = state.sharded
     weights = load_file(str(path / _rank_file("trainable", rank, sharded)))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]

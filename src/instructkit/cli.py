@@ -163,8 +163,8 @@ def _cmd_merge(args) -> int:
     from instructkit.export import merge_lora
 
     out = merge_lora(args.run, args.out, args.dtype, args.overwrite, args.max_shard_size, args.allow_pickle)
-    print(f"merged model: {out} ({args.dtype}); load it with transformers, or: instructkit export-gguf {out} "
-          f"--out model.gguf")
+    print(f"merged model: {out} ({args.dtype or 'in the base model precision'}); load it with transformers, or: "
+          f"instructkit export-gguf {out} --out model.gguf")
     return EXIT_OK
 
 
@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base: a standalone model directory")
     p.add_argument("run")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="precision of the merged weights (default: the base model's own)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shards above this size (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (unpickled)")

@@ -56,7 +56,11 @@ class LoraConfig(_Strict):
     use_dora: bool = Field(False, description="weight-decomposed LoRA (passed to peft)")
 
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
+# Precision names of the config -> torch dtype names.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# The label of a position that is never supervised (PyTorch cross-entropy's ignore_index).
+IGNORE = -100
+
 Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 
 

@@ -18,9 +18,8 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-from instructkit.checkpoint import Ranks, export_state
-from instructkit.config import DistributedConfig, RunConfig
-from instructkit.data.tokenize import IGNORE
+from instructkit.checkpoint import Ranks, TrainingProgress, export_state
+from instructkit.config import IGNORE, DistributedConfig, RunConfig
 from instructkit.errors import user_error
 
 DEEPSPEED_BUILTIN = ("zero2", "zero3", "zero3-offload")
@@ -166,20 +165,20 @@ def ranks_of(accelerator, sharded: bool) -> Ranks:
                  barrier=accelerator.wait_for_everyone, gather=gather)
 
 
-def check_resume_world(state: dict, world: int, global_batch: int, checkpoint: Path) -> str | None:
-    """None when a checkpoint written by `state["world_size"]` processes can resume on `world`; a note
+def check_resume_world(state: TrainingProgress, world: int, global_batch: int, checkpoint: Path) -> str | None:
+    """None when a checkpoint written by `state.world_size` processes can resume on `world`; a note
     when it can with a caveat; UserError when it cannot."""
-    saved = state.get("world_size", 1)
+    saved = state.world_size
     if saved == world:
         return None
     fix = f"resume with --nproc {saved} (the world size that wrote it)"
-    if state.get("sharded"):
+    if state.sharded:
         raise user_error(f"the checkpoint {checkpoint} holds parameters sharded over {saved} processes and this "
                          f"launch has {world}", "distributed.fsdp_state_dict", fix)
-    if state.get("global_batch") != global_batch or state.get("batch_in_epoch", 0) != 0:
+    if state.global_batch != global_batch or state.batch_in_epoch != 0:
         raise user_error(
             f"the checkpoint {checkpoint} was written by {saved} process(es) (global batch "
-            f"{state.get('global_batch')}) and this launch has {world} (global batch {global_batch}): the data "
+            f"{state.global_batch}) and this launch has {world} (global batch {global_batch}): the data "
             "position inside an epoch and the batch size would not carry over", "train.resume",
             f"{fix}; a different world size can resume only at an epoch boundary (save_strategy: epoch) with "
             "the same global batch (per_device_train_batch_size x gradient_accumulation_steps x processes)")

@@ -41,13 +41,13 @@ class Shape:
 
 def model_shape(cfg: RunConfig) -> Shape:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from instructkit.models import _hub_kwargs, apply_lora, resolve_model
+    from instructkit.models import apply_lora, load_model_config, resolve_model
 
     path = resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     try:
-        config = AutoConfig.from_pretrained(path, **_hub_kwargs(cfg.model.trust_remote_code, cfg.model.revision))
+        config = load_model_config(path, cfg.model.trust_remote_code, cfg.model.revision)
     except (OSError, ValueError) as exc:
         raise user_error(f"cannot read the model config of {path} ({exc})", "model.name_or_path",
                          "give a model directory with a config.json, or a hub id reachable from here") from exc

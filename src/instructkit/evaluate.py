@@ -21,9 +21,10 @@ from instructkit.data.sources import read_resolved, resolve_source
 from instructkit.data.templates import render_segments
 from instructkit.data.tokenize import Example, tokenize_segments
 from instructkit.data.validate import BadRowReport, convert_records, enforce
-from instructkit.errors import user_error
+from instructkit.errors import UserError, user_error
+from instructkit.files import write_json
 from instructkit.generate import Loaded, generate, load_for_inference
-from instructkit.rundir import write_json
+from instructkit.models import base_model_of
 
 _TRAILING = string.punctuation + " "
 METRICS = ("loss", "perplexity", "exact_match", "rouge_l")
@@ -113,11 +114,12 @@ def _measure(loaded: Loaded, rows: list[dict], key: str, options: dict) -> dict:
 
 
 def _base_of(loaded: Loaded, allow_pickle: bool) -> Loaded:
-    manifest = Path(loaded.source).parent / "manifest.json"
-    if not manifest.is_file():
+    try:
+        base_name = base_model_of(loaded.source)
+    except UserError as exc:
         raise user_error("--baseline needs a run directory, whose manifest names the base model", loaded.source,
-                         "pass runs/NAME, or drop --baseline")
-    base = load_for_inference(json.loads(manifest.read_text())["model"]["resolved"], allow_pickle=allow_pickle)
+                         "pass runs/NAME, or drop --baseline") from exc
+    base = load_for_inference(base_name, allow_pickle=allow_pickle)
     return Loaded(base.model, loaded.tokenizer, loaded.template, base.source, False)
 
 

@@ -10,15 +10,14 @@ transformers' GGUF loader.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
+from instructkit.config import DTYPES
 from instructkit.errors import user_error
-from instructkit.models import find_model_dir, load_tokenizer, resolve_model
+from instructkit.files import atomic_path
+from instructkit.models import load_generation_config, load_pretrained, stored_precision
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Hugging Face architecture -> GGUF architecture. Mistral is a Llama in GGUF terms.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 LAYER_TENSORS = {  # suffix after model.layers.N. -> after blk.N.
@@ -36,49 +35,30 @@ TOP_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
 
 def load_merged(source: str, allow_pickle: bool = False):
     """(model in fp32 on the CPU with any LoRA adapter merged in, tokenizer, where it came from)."""
+    loaded = load_pretrained(source, "float32", merge=True, allow_pickle=allow_pickle)
+    return loaded.model, loaded.tokenizer, loaded.source
+
+
+def merge_lora(source: str, out: str, dtype: str | None = None, overwrite: bool = False,
+               max_shard_size: str = "2GB", allow_pickle: bool = False) -> Path:
+    """A standalone model directory: merged weights in `dtype` (default: the precision the base model
+    was published in; safetensors, sharded above `max_shard_size`), the tokenizer with the trained chat
+    template, and the run's generation config."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    model_dir = find_model_dir(source, allow_pickle)
-    tokenizer = load_tokenizer(str(model_dir))
-    kwargs = dict(dtype=torch.float32, use_safetensors=None if allow_pickle else True)
-    if isinstance(model_dir, Path) and (model_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base_name = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name, allow_pickle), **kwargs)
-        model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    return model.eval(), tokenizer, model_dir
-
-
-def _claim(out: Path, overwrite: bool) -> Path:
-    if out.exists() and any(out.iterdir() if out.is_dir() else [out]) and not overwrite:
-        raise user_error(f"{out} already exists and is not empty", "--out",
-                         "choose another --out, or pass --overwrite to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
-def merge_lora(source: str, out: str, dtype: str = "bf16", overwrite: bool = False, max_shard_size: str = "2GB",
-          allow_pickle: bool = False) -> Path:
-    """A standalone model directory: merged weights in `dtype` (safetensors, sharded above
-    `max_shard_size`), the tokenizer with the trained chat template, and the run's generation config."""
-    import torch
-    from transformers import GenerationConfig
 
     target = Path(out).expanduser()
-    tmp = _claim(target, overwrite)
+    if target.exists() and any(target.iterdir() if target.is_dir() else [target]) and not overwrite:
+        raise user_error(f"{target} already exists and is not empty", "--out",
+                         "choose another --out, or pass --overwrite to replace it")
+    dtype = dtype or stored_precision(source, allow_pickle)
     model, tokenizer, model_dir = load_merged(source, allow_pickle)
     model = model.to(getattr(torch, DTYPES[dtype]))
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(tmp)
-    if isinstance(model_dir, Path) and (model_dir / "generation_config.json").is_file():
-        GenerationConfig.from_pretrained(model_dir).save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    generation_config = load_generation_config(model_dir)
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
     return target
 
 
@@ -151,7 +131,6 @@ def export_gguf(source: str, out: str, dtype: str = "f16", overwrite: bool = Fal
                 allow_pickle: bool = False) -> Path:
     """Write `out` (.gguf) from a run, adapter or model directory; f16 or q8_0 weights, f32 norms."""
     import gguf
-    import numpy as np
 
     target = Path(out).expanduser()
     if target.suffix != ".gguf":
@@ -159,15 +138,22 @@ def export_gguf(source: str, out: str, dtype: str = "f16", overwrite: bool = Fal
     if target.exists() and not overwrite:
         raise user_error(f"{target} already exists", "--out", "choose another --out, or pass --overwrite")
     model, tokenizer, _ = load_merged(source, allow_pickle)
+    arch = _check_supported(model.config)
+    tok = tokenizer_metadata(tokenizer, model.config.vocab_size)
+    with atomic_path(target) as tmp:
+        _write_gguf(gguf.GGUFWriter(str(tmp), arch), model, tokenizer, tok, arch, dtype, Path(str(source)).name)
+    return target
+
+
+def _write_gguf(writer, model, tokenizer, tok: dict, arch: str, dtype: str, name: str) -> None:
+    """Metadata (llama.cpp's keys), tokenizer and tensors, in the order llama.cpp's converter writes them."""
+    import gguf
+    import numpy as np
+
     config = model.config
-    arch = _check_supported(config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    tok = tokenizer_metadata(tokenizer, config.vocab_size)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    writer.add_name(Path(str(source)).name)
+    writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -215,5 +201,3 @@ def export_gguf(source: str, out: str, dtype: str = "f16", overwrite: bool = Fal
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(tmp, target)
-    return target

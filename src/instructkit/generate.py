@@ -18,8 +18,8 @@ from instructkit.data.sources import read_records
 from instructkit.data.templates import Template, render_segments, resolve_template, stop_token_ids
 from instructkit.data.tokenize import Example, tokenize_segments
 from instructkit.errors import user_error
-from instructkit.models import (DTYPES, find_model_dir, load_tokenizer, resolve_attention, resolve_model,
-                                resolve_precision)
+from instructkit.config import DTYPES
+from instructkit.models import load_pretrained, resolve_attention, resolve_precision
 
 
 @dataclass
@@ -37,25 +37,12 @@ def load_for_inference(run_or_model: str, precision: str = "auto", allow_pickle:
     """Load base (+ adapter) in the inference precision, spread over GPUs when there are several.
     Weights are read from safetensors only unless `allow_pickle`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model_dir = find_model_dir(run_or_model, allow_pickle)
-    dtype = getattr(torch, DTYPES[resolve_precision(precision)])
-    device_map = "auto" if torch.cuda.is_available() else None
-    kwargs = dict(dtype=dtype, attn_implementation=resolve_attention("auto"), device_map=device_map,
-                  use_safetensors=None if allow_pickle else True)
-    adapter = isinstance(model_dir, Path) and (model_dir / "adapter_config.json").is_file()
-    tokenizer = load_tokenizer(str(model_dir))
-    if adapter:
-        from peft import PeftModel
-
-        base_name = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(resolve_model(base_name, allow_pickle), **kwargs)
-        model = PeftModel.from_pretrained(base, str(model_dir))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    model.eval()
-    return Loaded(model, tokenizer, resolve_template("auto", tokenizer), str(model_dir), adapter)
+    loaded = load_pretrained(run_or_model, DTYPES[resolve_precision(precision)],
+                             device_map="auto" if torch.cuda.is_available() else None, allow_pickle=allow_pickle,
+                             attn_implementation=resolve_attention("auto"))
+    return Loaded(loaded.model, loaded.tokenizer, resolve_template("auto", loaded.tokenizer), str(loaded.source),
+                  loaded.is_adapter)
 
 
 def prompt_example(loaded: Loaded, messages: tuple[Message, ...] | list[Message]) -> Example:

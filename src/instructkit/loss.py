@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+from instructkit.config import IGNORE
+
 
 
 def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,11 @@ class SupervisedLoss(torch.nn.Module):
             else:
                 total = total + _head_ce(head, h, y)
         return total
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        """The units the summed loss runs over (supervised next-token targets); the loop divides by them."""
+        return count_supervised(batch)
 
 
 def count_supervised(batch: dict) -> int:

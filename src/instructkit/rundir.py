@@ -15,6 +15,7 @@ import yaml
 from instructkit.checkpoint import find_resumable, verify_checkpoint
 from instructkit.config import RunConfig, dump_config
 from instructkit.errors import user_error
+from instructkit.files import write_text
 
 RUN_MARKERS = ("config.yaml", "manifest.json")
 
@@ -124,15 +125,9 @@ def claim_run_dir(plan: RunDirPlan) -> None:
                          "choose a writable directory") from exc
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write beside, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    """The resolved config, which a resumed run is compared against."""
+    write_text(run_dir / "config.yaml", dump_config(cfg))
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:

@@ -2,6 +2,7 @@
 transformers' GGUF loader give the source's logits and tokens."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,7 +47,15 @@ def test_merged_model_equals_base_plus_adapter(lora_run, tmp_path, capsys):
     assert main(["merge", str(lora_run), "--out", str(out)]) == 2  # exists: refused, nothing lost
     assert "--overwrite" in capsys.readouterr().err
     assert main(["merge", str(lora_run), "--out", str(out), "--overwrite"]) == 0
-    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == base.dtype == torch.float32  # the base's own precision
+    bf16_base = tmp_path / "bf16-base"  # a base published in bf16 merges to bf16 by default
+    base.to(torch.bfloat16).save_pretrained(bf16_base)
+    adapter_dir = tmp_path / "adapter"
+    shutil.copytree(lora_run / "final", adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(bf16_base)}))
+    assert main(["merge", str(adapter_dir), "--out", str(tmp_path / "merged-bf16")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged-bf16").dtype == torch.bfloat16
 
 
 LONG_TEXT = (Path(__file__).parents[2] / "README.md").read_text()[:2000]

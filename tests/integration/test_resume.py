@@ -98,7 +98,8 @@ def reference(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("reference")
     data = write_jsonl(root / "train.jsonl", ROWS)
     cfg = {"run_name": "tiny", "output_dir": str(root / "run"), "seed": 1,
-           "model": {"name_or_path": str(tiny_model_dir)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+           "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},  # pinned as tiny_config pins it
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
            "data": {"train_file": str(data), "max_length": 320},
            "train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": STEPS,
                      "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": []}}

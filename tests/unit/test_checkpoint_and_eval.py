@@ -57,7 +57,7 @@ def test_score_and_difference_per_task():
 def test_tied_embeddings_save_and_load_once_and_stay_tied(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from instructkit.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+    from instructkit.checkpoint import TrainingProgress, load_checkpoint, save_checkpoint, verify_checkpoint
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, tie_word_embeddings=True)
@@ -68,7 +68,8 @@ def test_tied_embeddings_save_and_load_once_and_stay_tied(tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     trained(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
     opt.step()
-    path = save_checkpoint(tmp_path, 1, trained, opt, sched, {"step": 1}, keep=None)
+    path = save_checkpoint(tmp_path, 1, trained, opt, sched, TrainingProgress(
+        step=1, epoch_index=0, batch_in_epoch=1, epoch=1.0, total_steps=1, seed=0, global_batch=1), keep=None)
     assert verify_checkpoint(path) is None
     from safetensors import safe_open
 

@@ -44,15 +44,20 @@ def test_deepspeed_is_refused_without_cuda_and_ships_its_configs():
 
 
 def test_resume_on_another_world_size_is_refused_unless_the_state_allows_it(tmp_path):
-    state = {"world_size": 2, "global_batch": 8, "batch_in_epoch": 3}
-    assert check_resume_world(state, 2, 8, tmp_path) is None
+    from instructkit.checkpoint import TrainingProgress
+
+    def state(**changes):
+        return TrainingProgress(**{"step": 3, "epoch_index": 0, "epoch": 0.5, "total_steps": 9, "seed": 1,
+                                   "world_size": 2, "global_batch": 8, "batch_in_epoch": 3, **changes})
+
+    assert check_resume_world(state(), 2, 8, tmp_path) is None
     with pytest.raises(UserError, match="--nproc 2"):
-        check_resume_world(state, 4, 8, tmp_path)  # mid-epoch
+        check_resume_world(state(), 4, 8, tmp_path)  # mid-epoch
     with pytest.raises(UserError, match="global batch"):
-        check_resume_world({**state, "batch_in_epoch": 0}, 4, 16, tmp_path)
-    assert "epoch boundary" in check_resume_world({**state, "batch_in_epoch": 0}, 1, 8, tmp_path)
+        check_resume_world(state(batch_in_epoch=0), 4, 16, tmp_path)
+    assert "epoch boundary" in check_resume_world(state(batch_in_epoch=0), 1, 8, tmp_path)
     with pytest.raises(UserError, match="sharded over 2"):
-        check_resume_world({**state, "batch_in_epoch": 0, "sharded": True}, 1, 8, tmp_path)
+        check_resume_world(state(batch_in_epoch=0, sharded=True), 1, 8, tmp_path)
 
 
 def test_eval_shards_are_equal_in_length_and_count_every_example_once():

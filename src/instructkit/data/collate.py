@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from instructkit.data.tokenize import IGNORE, Example
+from instructkit.config import IGNORE
+from instructkit.data.tokenize import Example
 
 
 def pad_batch(examples: Sequence[Example], pad_id: int, side: str = "right") -> dict:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from instructkit.config import DataConfig
 from instructkit.data.packing import packing_efficiency
 from instructkit.data.pipeline import build_datasets
-from instructkit.data.tokenize import IGNORE, Example
+from instructkit.config import IGNORE
+from instructkit.data.tokenize import Example
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 

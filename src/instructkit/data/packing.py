@@ -12,7 +12,8 @@ from __future__ import annotations
 import bisect
 from typing import Sequence
 
-from instructkit.data.tokenize import IGNORE, Example
+from instructkit.config import IGNORE
+from instructkit.data.tokenize import Example
 from instructkit.errors import UserError
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from instructkit.data.templates import Template, resolve_template
 from instructkit.data.tokenize import Example, fit_length, tokenize_conversations
 from instructkit.data.validate import BadRowReport, convert_records, enforce
 from instructkit.errors import UserError
+from instructkit.files import atomic_path
 
 CACHE_FORMAT = 2
 
@@ -132,16 +131,11 @@ def _load_examples(path: Path) -> list[Example]:
 
 def save_cache(directory: Path, data: Datasets) -> None:
     """Written beside, then renamed: a reader never sees a half-written cache entry."""
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save_examples(tmp / "train", data.train)
-    _save_examples(tmp / "eval", data.eval)
-    (tmp / "stats.json").write_text(json.dumps(data.stats))
-    if directory.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+    with atomic_path(directory, keep_existing=True) as tmp:  # another process may have written it first
+        tmp.mkdir(parents=True)
+        _save_examples(tmp / "train", data.train)
+        _save_examples(tmp / "eval", data.eval)
+        (tmp / "stats.json").write_text(json.dumps(data.stats))
 
 
 def load_cache(directory: Path, template: Template) -> Datasets | None:

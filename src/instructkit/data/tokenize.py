@@ -12,7 +12,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-IGNORE = -100
+from instructkit.config import IGNORE
+
 CHUNK = 512  # rows per batched tokenizer call / per task of a worker process
 
 

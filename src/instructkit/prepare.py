@@ -1,0 +1,222 @@
+"""The set-up of a training run in named steps, as torchtune's recipes and litgpt's `main` do it:
+runtime (processes, precision), tokenizer and data, model, loaders, optimizer and schedule, resume,
+and the run directory's manifest. `train.train` calls them in this order, then runs the loop;
+`bench/memory.py` uses `setup_model` to load a model exactly as training does.
+
+The order matters for exact resume only in one way: the checkpoint's RNG states are restored last
+(`resume`), so nothing set up before can shift them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from instructkit.checkpoint import TrainingProgress, load_checkpoint, read_progress
+from instructkit.config import DTYPES, RunConfig
+from instructkit.data.collate import pad_batch
+from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
+from instructkit.data.pipeline import Datasets, build_datasets
+from instructkit.data.sampler import ResumableSampler
+from instructkit.distributed import (check_distributed, check_resume_world, env_world_size, eval_shard,
+                                     make_accelerator, resolve_strategy, shard_fsdp)
+from instructkit.env import device_summary, package_versions
+from instructkit.metrics import matmul_peak_tflops, model_flops
+from instructkit.models import (LoadPlan, apply_lora, check_runtime, count_parameters, load_model, load_tokenizer,
+                                plan_loading, resolve_model)
+from instructkit.rundir import RunDirPlan, git_commit, resume_history
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass
+class Runtime:
+    """The processes of this run and how they compute."""
+
+    accelerator: Any
+    strategy: str  # single | ddp | fsdp | deepspeed
+    plan: LoadPlan
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        self.accelerator.print(text)
+
+
+@dataclass
+class Loop:
+    """What the training loop runs on: loaders, optimizer, schedule and the step counts they imply."""
+
+    loss_fn: Any  # the objective, wrapped for DDP or DeepSpeed where used
+    optimizer: Any
+    scheduler: Any
+    sampler: ResumableSampler
+    train_loader: Any
+    eval_loader: Any
+    micro_per_epoch: int  # micro-batches of one process in one epoch
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    peak_tflops: float  # measured matmul peak of this device in the compute precision (MFU's denominator)
+
+
+def setup_runtime(cfg: RunConfig) -> Runtime:
+    """Refuse what this machine cannot run, then start accelerate and seed every RNG."""
+    import torch
+    from accelerate.utils import set_seed
+
+    check_runtime(cfg.model)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    check_distributed(cfg, torch.cuda.is_available())
+    plan = plan_loading(cfg.model, cfg.method, training=True)
+    strategy = resolve_strategy(cfg.distributed, env_world_size())
+    accelerator = make_accelerator(MIXED_PRECISION[plan.compute_precision], strategy, cfg)
+    set_seed(cfg.seed)
+    return Runtime(accelerator, strategy, plan)
+
+
+def setup_data(cfg: RunConfig) -> tuple[str, Any, Datasets]:
+    """(model path, tokenizer, tokenized data): every bad row is reported before a model is loaded.
+    One process tokenizes and fills the cache while the others wait on its file lock, not on a
+    collective, so a long tokenization cannot trip train.ddp_timeout."""
+    model_path = resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+    return model_path, tokenizer, build_datasets(cfg.data, tokenizer, cfg.seed)
+
+
+def setup_model(cfg: RunConfig, model_path: str, plan: LoadPlan):
+    """The model as training uses it: the plan's precision and attention, no KV cache, optional
+    gradient checkpointing, and a LoRA adapter (the base frozen) or every weight trainable."""
+    model = load_model(model_path, cfg.model, plan)
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "lora":
+        model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing, cfg.model.load_in_4bit)
+    return model
+
+
+def describe_model(model, model_path: str, plan: LoadPlan) -> str:
+    trainable, total = count_parameters(model)
+    return (f"model: {model_path} ({plan.weights_dtype} weights, {plan.compute_precision} compute, "
+            f"{plan.attn_implementation}); trainable parameters {trainable:,} of {total:,} "
+            f"({100 * trainable / total:.2f}%)")
+
+
+def setup_train_set(cfg: RunConfig, run: Runtime, model, tokenizer, data: Datasets):
+    """(items, collate, lengths): examples, or packed rows of them when data.packing is on (after
+    checking that this model keeps packed examples apart)."""
+    if not cfg.data.packing:
+        return data.train, partial(pad_batch, pad_id=tokenizer.pad_token_id), [len(e.input_ids) for e in data.train]
+    check_isolation(model, len(tokenizer), next(model.parameters()).device,
+                    atol=1e-3 if run.plan.compute_precision == "fp32" else 5e-2)
+    lengths = [len(e.input_ids) for e in data.train]
+    rows = [[data.train[i] for i in b] for b in pack(lengths, cfg.data.max_length)]
+    run.say(f"packing: {len(data.train)} examples in {len(rows)} rows of <= {cfg.data.max_length} tokens "
+            f"({packing_efficiency(lengths, cfg.data.max_length):.1%} filled)")
+    return rows, packed_batch, [sum(len(e.input_ids) for e in row) for row in rows]
+
+
+def setup_loop(cfg: RunConfig, run: Runtime, objective, model, tokenizer, data: Datasets) -> Loop:
+    """Data order, loaders, optimizer and schedule around the objective (a loss module over `model`)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler
+
+    tc, acc = cfg.train, run.accelerator
+    if not cfg.model.load_in_4bit:  # on its device before the optimizer, so AdamW can be fused on CUDA
+        model.to(acc.device)
+    items, collate, lengths = setup_train_set(cfg, run, model, tokenizer, data)
+    # The order is a function of (seed, epoch), so a resumed run continues it exactly; the loader's own
+    # generator keeps worker seeding from drawing on the global RNG that dropout uses.
+    sampler = ResumableSampler(len(items), cfg.seed, acc.process_index, acc.num_processes,
+                               lengths if tc.group_by_length else None, tc.per_device_train_batch_size)
+    train_loader = DataLoader(items, batch_size=tc.per_device_train_batch_size, sampler=sampler, collate_fn=collate,
+                              num_workers=tc.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    eval_loader = DataLoader(eval_shard(data.eval, acc.process_index, acc.num_processes),
+                             batch_size=tc.per_device_eval_batch_size,
+                             collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id))
+    loss_fn, optimizer = setup_optimizer(cfg, run, objective, model)
+    micro_per_epoch = math.ceil(sampler.per_process() / tc.per_device_train_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / tc.gradient_accumulation_steps)
+    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
+    scheduler = get_scheduler(tc.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    peak = matmul_peak_tflops(DTYPES[run.plan.compute_precision], str(acc.device),
+                              size=4096 if acc.device.type == "cuda" else 1024)
+    global_batch = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * acc.num_processes
+    return Loop(loss_fn, optimizer, scheduler, sampler, train_loader, eval_loader, micro_per_epoch, steps_per_epoch,
+                total_steps, global_batch, peak)
+
+
+def setup_optimizer(cfg: RunConfig, run: Runtime, objective, model):
+    """(loss_fn, optimizer): AdamW over the trainable parameters, after FSDP sharding (so it holds the
+    shards), then wrapped for DDP or DeepSpeed and autocast by accelerate."""
+    import torch
+
+    tc, acc = cfg.train, run.accelerator
+    if run.strategy == "fsdp":
+        shard_fsdp(objective, model, cfg.distributed, DTYPES[run.plan.compute_precision], acc.device)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    fused = tc.optim == "adamw_torch_fused" or (acc.device.type == "cuda" and run.strategy != "fsdp")
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused or None)
+    if run.strategy == "fsdp":
+        return objective, optimizer
+    return acc.prepare(objective, optimizer)
+
+
+def describe_loop(cfg: RunConfig, run: Runtime, loop: Loop) -> str:
+    tc = cfg.train
+    return (f"training: {loop.total_steps} optimizer steps, {loop.steps_per_epoch} per epoch; batch "
+            f"{tc.per_device_train_batch_size} x accumulation {tc.gradient_accumulation_steps} x "
+            f"{run.accelerator.num_processes} process(es) = global batch {loop.global_batch} ({run.strategy}); "
+            f"measured {run.plan.compute_precision} matmul peak {loop.peak_tflops:.3f} TFLOP/s")
+
+
+def resume(plan_dir: RunDirPlan, run: Runtime, model, loop: Loop) -> TrainingProgress | None:
+    """Restore the checkpoint the plan chose (weights, optimizer, schedule, RNG); None for a new run.
+    A position at the end of an epoch is moved to the start of the next."""
+    if plan_dir.action != "resume":
+        return None
+    acc = run.accelerator
+    saved = read_progress(plan_dir.checkpoint)
+    if (note := check_resume_world(saved, acc.num_processes, loop.global_batch, plan_dir.checkpoint)) is not None:
+        run.say(f"note: {note}")
+    state = load_checkpoint(plan_dir.checkpoint, model, loop.optimizer, loop.scheduler, acc.process_index)
+    if state.batch_in_epoch >= loop.micro_per_epoch:
+        state = state.model_copy(update={"epoch_index": state.epoch_index + 1, "batch_in_epoch": 0})
+    run.say(f"resumed from {plan_dir.checkpoint} at step {state.step} (epoch {state.epoch_index}, "
+            f"batch {state.batch_in_epoch})")
+    return state
+
+
+def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model, model_path: str, data: Datasets,
+                loop: Loop, step: int, started: str) -> dict:
+    """The run's manifest as it starts: what ran, on what, from which data; status and times follow."""
+    trainable, total = count_parameters(model)
+    return {
+        "run_name": cfg.run_name, "status": "running", "start_time": started, "end_time": None,
+        "seed": cfg.seed, "versions": package_versions(), "device": device_summary(),
+        "model": {"name_or_path": cfg.model.name_or_path, "resolved": model_path, "revision": cfg.model.revision},
+        "method": cfg.method, "precision": run.plan.compute_precision,
+        "attn_implementation": run.plan.attn_implementation,
+        "parameters": {"trainable": trainable, "total": total}, "data_files": data.stats["data_files"],
+        "data": data.stats, "total_steps": loop.total_steps, "git_commit": git_commit(),
+        "resumed": resume_history(Path(cfg.output_dir), plan_dir, step), "matmul_peak_tflops": loop.peak_tflops,
+        "distributed": {"strategy": run.strategy, "world_size": run.accelerator.num_processes,
+                        "global_batch": loop.global_batch},
+    }
+
+
+def flops_counter(model, method: str):
+    """Window -> model FLOPs, for MFU."""
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    return partial(model_flops, config, method)
