@@ -20,12 +20,15 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from instructkit.errors import user_error
 from instructkit.files import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
@@ -176,14 +179,15 @@ def restore_rng(tensors: dict, meta: dict, rank: int = 0) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def trainable_state(model, sharded: bool = False) -> dict:
+def trainable_state(model: torch.nn.Module, sharded: bool = False) -> dict:
     """The parameters that training changes (shared/tied ones once), detached on CPU: full tensors
     (collective under FSDP), or this rank's shards."""
     return {n: _export(p, sharded) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, progress: TrainingProgress,
-                    keep: int | None, ranks: Ranks | None = None) -> Path | None:
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: TrainingProgress, keep: int | None,
+                    ranks: Ranks | None = None) -> Path | None:
     """Write one complete checkpoint atomically, then prune old ones (never the newest complete).
     Every rank calls it; rank 0 renames it into place and returns its path (others get None).
 
@@ -284,7 +288,8 @@ def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
     return None, warnings
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainingProgress:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0) -> TrainingProgress:
     """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint (into plain or
     FSDP-sharded parameters); returns where the run stood."""
     import torch

@@ -17,10 +17,15 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from instructkit.checkpoint import Ranks, TrainingProgress, export_state
 from instructkit.config import IGNORE, DistributedConfig, RunConfig
 from instructkit.errors import user_error
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
 
 DEEPSPEED_BUILTIN = ("zero2", "zero3", "zero3-offload")
 
@@ -75,7 +80,7 @@ def check_distributed(cfg: RunConfig, cuda: bool) -> None:
                          "model.precision", "use bf16 (or fp32) with distributed: fsdp")
 
 
-def make_accelerator(mixed_precision: str, strategy: str, cfg: RunConfig):
+def make_accelerator(mixed_precision: str, strategy: str, cfg: RunConfig) -> Accelerator:
     """An Accelerator for this run: the process group (gloo on CPU, NCCL on GPUs) with the configured
     timeout, and the DeepSpeed plugin when asked. accelerate keeps one AcceleratorState per process;
     a second `train()` in the same process (a notebook) may need another precision, so the earlier
@@ -105,13 +110,19 @@ def make_accelerator(mixed_precision: str, strategy: str, cfg: RunConfig):
     return Accelerator(**kwargs)
 
 
-def shard_fsdp(loss_fn, model, dcfg: DistributedConfig, compute_dtype: str, device) -> None:
+def shard_fsdp(loss_fn: torch.nn.Module, model: torch.nn.Module, dcfg: DistributedConfig, compute_dtype: str,
+               device: torch.device | str) -> None:
     """FSDP2 in place: each decoder layer one unit, the loss module (embeddings, final norm, head) the
     root, so every parameter is gathered exactly while its unit runs. Full sharding over all
     processes, or hybrid: sharded within a node and replicated across nodes."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -134,7 +145,7 @@ def shard_fsdp(loss_fn, model, dcfg: DistributedConfig, compute_dtype: str, devi
 
 
 @contextmanager
-def no_sync(module, skip: bool):
+def no_sync(module: torch.nn.Module, skip: bool) -> Iterator[None]:
     """Accumulate gradients locally (no all-reduce) when `skip`: DDP's no_sync, FSDP2's
     set_requires_gradient_sync; a single process has nothing to skip."""
     if not skip:
@@ -150,7 +161,7 @@ def no_sync(module, skip: bool):
             yield
 
 
-def ranks_of(accelerator, sharded: bool) -> Ranks:
+def ranks_of(accelerator: Accelerator, sharded: bool) -> Ranks:
     """What checkpoint code needs to know about the processes, without importing accelerate."""
     import torch.distributed as dist
 
@@ -195,7 +206,7 @@ def eval_shard(examples: list, rank: int, world: int) -> list:
     return mine + [filler] * (math.ceil(len(examples) / world) - len(mine))
 
 
-def agreed_signal(signum: int | None, accelerator) -> int | None:
+def agreed_signal(signum: int | None, accelerator: Accelerator) -> int | None:
     """The stop signal as all processes agree on it after a step: a signal may reach one rank a step
     before another, and they must checkpoint at the same step (a checkpoint is collective)."""
     if accelerator.num_processes == 1:
@@ -206,7 +217,8 @@ def agreed_signal(signum: int | None, accelerator) -> int | None:
     return int(agreed) or None
 
 
-def full_weights(model, loss_fn, strategy: str, accelerator) -> dict | None:
+def full_weights(model: torch.nn.Module, loss_fn: torch.nn.Module, strategy: str,
+                 accelerator: Accelerator) -> dict | None:
     """The whole model's weights where the model holds only shards (every process must call this), for
     `final/`; None where the model itself is whole."""
     if strategy == "fsdp":
@@ -279,7 +291,7 @@ def launch(command: list[str], nproc: int, node_rank: int = 0) -> int:
     return job_exit_code(proc.returncode, codes, range(node_rank * nproc, (node_rank + 1) * nproc), signalled)
 
 
-def job_exit_code(launcher_code: int, codes: dict[int, int], ranks, signalled: list[int]) -> int:
+def job_exit_code(launcher_code: int, codes: dict[int, int], ranks: list[int], signalled: list[int]) -> int:
     """The job's exit code from torchrun's and each local rank's, with a message naming failed ranks."""
     missing = [r for r in ranks if r not in codes]
     failed = {r: c for r, c in codes.items() if c not in (0, 130, 143)}

@@ -14,6 +14,7 @@ import string
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from instructkit.data.collate import pad_batch
 from instructkit.data.formats import Conversation
@@ -25,6 +26,10 @@ from instructkit.errors import UserError, user_error
 from instructkit.files import write_json
 from instructkit.generate import Loaded, generate, load_for_inference
 from instructkit.models import base_model_of
+
+if TYPE_CHECKING:
+    from instructkit.config import RunConfig
+    from instructkit.data.sources import Record
 
 _TRAILING = string.punctuation + " "
 METRICS = ("loss", "perplexity", "exact_match", "rouge_l")
@@ -47,7 +52,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
 
 
-def rows_from_records(records, key: str) -> list[dict]:
+def rows_from_records(records: list[Record], key: str) -> list[dict]:
     """Prompt messages, reference (the last assistant turn), task and provenance of every row."""
     conversations, wrong, _, _ = convert_records(records, ["auto"] * (max(r.source for r in records) + 1),
                                                  [None] * (max(r.source for r in records) + 1))
@@ -157,7 +162,7 @@ def evaluate(run_or_model: str, data_path: str, baseline: bool = False, out_dir:
     return evaluate_rows(loaded, rows, out, baseline, max_new_tokens, batch_size, allow_pickle, data_path)
 
 
-def held_out_rows(cfg) -> list[dict]:
+def held_out_rows(cfg: RunConfig) -> list[dict]:
     """The run's eval data as rows (data.eval_file, or the same val_size split training held out)."""
     from instructkit.data.pipeline import read_conversations, resolve_sources, split_off
 
@@ -171,7 +176,7 @@ def held_out_rows(cfg) -> list[dict]:
              "task": tasks.get(c.where, "all"), "where": c.where} for c in conversations[: cfg.eval.max_samples]]
 
 
-def evaluate_run(run_dir: Path, cfg) -> dict:
+def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
     """Generation metrics on the eval split right after training (eval.generate), into RUN/eval."""
     loaded = load_for_inference(str(run_dir), allow_pickle=cfg.model.allow_pickle)
     return evaluate_rows(loaded, held_out_rows(cfg), Path(run_dir) / "eval", cfg.eval.baseline,

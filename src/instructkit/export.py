@@ -12,11 +12,17 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from instructkit.config import DTYPES
 from instructkit.errors import user_error
 from instructkit.files import atomic_path
 from instructkit.models import load_generation_config, load_pretrained, stored_precision
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 # Hugging Face architecture -> GGUF architecture. Mistral is a Llama in GGUF terms.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -33,7 +39,7 @@ TOP_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
                "lm_head.weight": "output.weight"}
 
 
-def load_merged(source: str, allow_pickle: bool = False):
+def load_merged(source: str, allow_pickle: bool = False) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, Path | str]:
     """(model in fp32 on the CPU with any LoRA adapter merged in, tokenizer, where it came from)."""
     loaded = load_pretrained(source, "float32", merge=True, allow_pickle=allow_pickle)
     return loaded.model, loaded.tokenizer, loaded.source
@@ -71,7 +77,7 @@ def gguf_tensor_name(name: str) -> str | None:
     return None
 
 
-def llama_cpp_rows(weight, heads: int):
+def llama_cpp_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's rotary layout for q/k rows: within each head, the two rotated halves interleaved
     (the inverse of what transformers' GGUF loader undoes)."""
     rows = weight.shape[0]
@@ -102,7 +108,7 @@ def token_type(token: str | None, added: dict | None, kind: str) -> int:
     return 1
 
 
-def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
+def tokenizer_metadata(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> dict:
     """The tokenizer as GGUF describes it: byte-level BPE ("gpt2") or byte-fallback BPE ("llama")."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]

@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 from instructkit.config import IGNORE
 
 
-
 def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
@@ -41,7 +40,8 @@ class SupervisedLoss(torch.nn.Module):
         target = lm.get_decoder() if self.fast else model
         self.__dict__["_run"] = torch.compile(target, dynamic=True) if compile else target
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         targets = labels[:, 1:]

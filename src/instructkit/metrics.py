@@ -9,7 +9,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 
 class MetricsLog:
@@ -70,7 +74,7 @@ def matmul_peak_tflops(dtype_name: str = "float32", device: str = "cpu", size: i
     return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def training_flops(config, method: str, tokens: int, supervised: int, context: float) -> float:
+def training_flops(config: PretrainedConfig, method: str, tokens: int, supervised: int, context: float) -> float:
     """FLOPs a training step needs, counted the same way for any implementation: body matmuls
     (forward 2N, backward 2N for activations, plus 2N for weight gradients when the weights train),
     causal attention scores over the mean `context` length, and the LM head only where a label is
@@ -83,7 +87,7 @@ def training_flops(config, method: str, tokens: int, supervised: int, context: f
     return tokens * (factor * body + attention) + supervised * factor * h * vocab
 
 
-def device_stats(device) -> dict:
+def device_stats(device: torch.device | str) -> dict:
     """Peak GPU memory (GiB) and, where nvidia-ml-py is installed, GPU utilisation (%)."""
     import torch
 
@@ -118,7 +122,7 @@ class Window:
         self.sequences += out["sequences"]
 
 
-def model_flops(config, method: str, window: Window) -> float | None:
+def model_flops(config: PretrainedConfig, method: str, window: Window) -> float | None:
     """Model FLOPs of a logging window, or None for an architecture whose config lacks the sizes."""
     try:
         return training_flops(config, method, window.tokens, window.supervised,

@@ -22,6 +22,7 @@ from instructkit.files import atomic_path
 
 if TYPE_CHECKING:
     import torch
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
     from instructkit.config import LoraConfig, ModelConfig
 
@@ -218,7 +219,8 @@ def _hub_kwargs(trust_remote_code: bool, revision: str | None = None) -> dict[st
     return kwargs
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
+def load_tokenizer(path: str, trust_remote_code: bool = False,
+                   revision: str | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (the EOS) when it has none; pads are never supervised."""
     from transformers import AutoTokenizer
 
@@ -248,7 +250,7 @@ def plan_loading(model_cfg: "ModelConfig", method: str, training: bool) -> LoadP
     return LoadPlan(DTYPES[weights], precision, resolve_attention(model_cfg.attn_implementation))
 
 
-def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: Any = None):
+def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: Any = None) -> torch.nn.Module:
     """Load a causal LM with the plan's dtype and attention; 4-bit NF4 weights for QLoRA."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -275,7 +277,8 @@ def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: 
                          "only .bin weights needs model.allow_pickle: true") from exc
 
 
-def apply_lora(model, lora_cfg: "LoraConfig", gradient_checkpointing: bool = False, quantized: bool = False):
+def apply_lora(model: torch.nn.Module, lora_cfg: "LoraConfig", gradient_checkpointing: bool = False,
+               quantized: bool = False) -> torch.nn.Module:
     """Wrap the model in a trainable LoRA adapter; the base weights are frozen."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -355,14 +358,15 @@ def stored_precision(run_or_model: str, allow_pickle: bool = False) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype.replace("torch.", ""), "fp32")
 
 
-def load_model_config(path: str, trust_remote_code: bool = False, revision: str | None = None):
+def load_model_config(path: str, trust_remote_code: bool = False,
+                      revision: str | None = None) -> PretrainedConfig:
     """The model's configuration alone (no weights)."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path, **_hub_kwargs(trust_remote_code, revision))
 
 
-def load_generation_config(model_dir: Path | str):
+def load_generation_config(model_dir: Path | str) -> GenerationConfig | None:
     """The generation config saved with a model (stop tokens, defaults), or None when it has none."""
     from transformers import GenerationConfig
 

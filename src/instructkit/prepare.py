@@ -14,21 +14,45 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from instructkit.checkpoint import TrainingProgress, load_checkpoint, read_progress
 from instructkit.config import DTYPES, RunConfig
 from instructkit.data.collate import pad_batch
-from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
+from instructkit.data.packing import (
+    check_isolation,
+    pack,
+    packed_batch,
+    packing_efficiency,
+)
 from instructkit.data.pipeline import Datasets, build_datasets
 from instructkit.data.sampler import ResumableSampler
-from instructkit.distributed import (check_distributed, check_resume_world, env_world_size, eval_shard,
-                                     make_accelerator, resolve_strategy, shard_fsdp)
+from instructkit.distributed import (
+    check_distributed,
+    check_resume_world,
+    env_world_size,
+    eval_shard,
+    make_accelerator,
+    resolve_strategy,
+    shard_fsdp,
+)
 from instructkit.env import device_summary, package_versions
-from instructkit.metrics import matmul_peak_tflops, model_flops
-from instructkit.models import (LoadPlan, apply_lora, check_runtime, count_parameters, load_model, load_tokenizer,
-                                plan_loading, resolve_model)
+from instructkit.metrics import Window, matmul_peak_tflops, model_flops
+from instructkit.models import (
+    LoadPlan,
+    apply_lora,
+    check_runtime,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    plan_loading,
+    resolve_model,
+)
 from instructkit.rundir import RunDirPlan, git_commit, resume_history
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -92,7 +116,7 @@ def setup_data(cfg: RunConfig) -> tuple[str, Any, Datasets]:
     return model_path, tokenizer, build_datasets(cfg.data, tokenizer, cfg.seed)
 
 
-def setup_model(cfg: RunConfig, model_path: str, plan: LoadPlan):
+def setup_model(cfg: RunConfig, model_path: str, plan: LoadPlan) -> torch.nn.Module:
     """The model as training uses it: the plan's precision and attention, no KV cache, optional
     gradient checkpointing, and a LoRA adapter (the base frozen) or every weight trainable."""
     model = load_model(model_path, cfg.model, plan)
@@ -104,14 +128,15 @@ def setup_model(cfg: RunConfig, model_path: str, plan: LoadPlan):
     return model
 
 
-def describe_model(model, model_path: str, plan: LoadPlan) -> str:
+def describe_model(model: torch.nn.Module, model_path: str, plan: LoadPlan) -> str:
     trainable, total = count_parameters(model)
     return (f"model: {model_path} ({plan.weights_dtype} weights, {plan.compute_precision} compute, "
             f"{plan.attn_implementation}); trainable parameters {trainable:,} of {total:,} "
             f"({100 * trainable / total:.2f}%)")
 
 
-def setup_train_set(cfg: RunConfig, run: Runtime, model, tokenizer, data: Datasets):
+def setup_train_set(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    data: Datasets) -> tuple[list, Callable[[list], dict], list[int]]:
     """(items, collate, lengths): examples, or packed rows of them when data.packing is on (after
     checking that this model keeps packed examples apart)."""
     if not cfg.data.packing:
@@ -125,7 +150,8 @@ def setup_train_set(cfg: RunConfig, run: Runtime, model, tokenizer, data: Datase
     return rows, packed_batch, [sum(len(e.input_ids) for e in row) for row in rows]
 
 
-def setup_loop(cfg: RunConfig, run: Runtime, objective, model, tokenizer, data: Datasets) -> Loop:
+def setup_loop(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: torch.nn.Module,
+               tokenizer: PreTrainedTokenizerBase, data: Datasets) -> Loop:
     """Data order, loaders, optimizer and schedule around the objective (a loss module over `model`)."""
     import torch
     from torch.utils.data import DataLoader
@@ -157,7 +183,8 @@ def setup_loop(cfg: RunConfig, run: Runtime, objective, model, tokenizer, data: 
                 total_steps, global_batch, peak)
 
 
-def setup_optimizer(cfg: RunConfig, run: Runtime, objective, model):
+def setup_optimizer(cfg: RunConfig, run: Runtime, objective: torch.nn.Module,
+                    model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """(loss_fn, optimizer): AdamW over the trainable parameters, after FSDP sharding (so it holds the
     shards), then wrapped for DDP or DeepSpeed and autocast by accelerate."""
     import torch
@@ -181,7 +208,7 @@ def describe_loop(cfg: RunConfig, run: Runtime, loop: Loop) -> str:
             f"measured {run.plan.compute_precision} matmul peak {loop.peak_tflops:.3f} TFLOP/s")
 
 
-def resume(plan_dir: RunDirPlan, run: Runtime, model, loop: Loop) -> TrainingProgress | None:
+def resume(plan_dir: RunDirPlan, run: Runtime, model: torch.nn.Module, loop: Loop) -> TrainingProgress | None:
     """Restore the checkpoint the plan chose (weights, optimizer, schedule, RNG); None for a new run.
     A position at the end of an epoch is moved to the start of the next."""
     if plan_dir.action != "resume":
@@ -198,8 +225,8 @@ def resume(plan_dir: RunDirPlan, run: Runtime, model, loop: Loop) -> TrainingPro
     return state
 
 
-def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model, model_path: str, data: Datasets,
-                loop: Loop, step: int, started: str) -> dict:
+def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model: torch.nn.Module, model_path: str,
+                data: Datasets, loop: Loop, step: int, started: str) -> dict:
     """The run's manifest as it starts: what ran, on what, from which data; status and times follow."""
     trainable, total = count_parameters(model)
     return {
@@ -216,7 +243,7 @@ def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model, model
     }
 
 
-def flops_counter(model, method: str):
+def flops_counter(model: torch.nn.Module, method: str) -> Callable[[Window], float | None]:
     """Window -> model FLOPs, for MFU."""
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     return partial(model_flops, config, method)

@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from instructkit.checkpoint import TrainingProgress, save_checkpoint
 from instructkit.config import RunConfig
@@ -24,9 +25,29 @@ from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.files import atomic_path, write_json
 from instructkit.loss import SupervisedLoss, count_supervised
 from instructkit.metrics import MetricsLog, TrainingMonitor
-from instructkit.prepare import (Loop, Runtime, describe_loop, describe_model, flops_counter, manifest_of, resume,
-                                 setup_data, setup_loop, setup_model, setup_runtime)
+from instructkit.prepare import (
+    Loop,
+    Runtime,
+    describe_loop,
+    describe_model,
+    flops_counter,
+    manifest_of,
+    resume,
+    setup_data,
+    setup_loop,
+    setup_model,
+    setup_runtime,
+)
 from instructkit.rundir import claim_run_dir, now, plan_run_dir, write_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    import torch
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from instructkit.data.templates import Template
 
 
 class StopOnSignal:
@@ -54,17 +75,18 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def loss_sum(loss_fn, batch: dict):
+def loss_sum(loss_fn: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Summed loss of one micro-batch: the single place the model is called while training."""
     return loss_fn(**batch)
 
 
-def to_device(batch: dict, device) -> dict:
+def to_device(batch: dict, device: torch.device | str) -> dict:
     """The batch's tensors on `device` (copied asynchronously where the device allows)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def eval_loss(loss_fn, loader, accelerator, count=count_supervised) -> float:
+def eval_loss(loss_fn: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator,
+              count: Callable[[dict], int] = count_supervised) -> float:
     """Mean loss per unit of the objective (supervised token) over the whole eval set, summed over processes."""
     import torch
 
@@ -79,9 +101,10 @@ def eval_loss(loss_fn, loader, accelerator, count=count_supervised) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
-def optimizer_step(accelerator, loss_fn, optimizer, scheduler, group: list, max_grad_norm: float, step: int = 0,
+def optimizer_step(accelerator: Accelerator, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, group: list, max_grad_norm: float, step: int = 0,
                    precision: str = "fp32", strategy: str = "single", accumulation: int = 1,
-                   count=count_supervised) -> dict:
+                   count: Callable[[dict], int] = count_supervised) -> dict:
     """One optimizer step over a group of micro-batches (collated on the CPU); returns the loss and
     token counts summed over all processes. Counts come from the CPU copies, so the step syncs with the
     device once: to stop on a NaN or infinite loss (on any process) before the optimizer touches the
@@ -129,7 +152,8 @@ def optimizer_step(accelerator, loss_fn, optimizer, scheduler, group: list, max_
             "grad_norm": grad_norm}
 
 
-def save_final(run_dir: Path, model, tokenizer, template, state_dict: dict | None = None) -> Path:
+def save_final(run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: Template,
+               state_dict: dict | None = None) -> Path:
     """final/: the adapter (PEFT) or full model (safetensors), the tokenizer carrying the template used
     in training as its chat template, and a generation config that stops at the end-of-turn token.
     `state_dict`: the full weights, where the model itself holds only shards."""
@@ -196,8 +220,8 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     return plan_dir.path
 
 
-def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective, model, monitor: TrainingMonitor,
-        start: TrainingProgress | None, has_eval: bool) -> None:
+def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, model: torch.nn.Module,
+        monitor: TrainingMonitor, start: TrainingProgress | None, has_eval: bool) -> None:
     """The loop: optimizer steps of `gradient_accumulation_steps` micro-batches from the resumable
     order, logging, eval and checkpoints on their schedules; a signal checkpoints and stops."""
     tc, acc = cfg.train, run.accelerator

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from instructkit.errors import UserError
+from instructkit.errors import user_error
 
 
 @dataclass(frozen=True)
@@ -139,11 +139,10 @@ def detect_format(row: dict, where: str) -> str:
     for name, keys in SIGNATURES:
         if keys <= set(row):
             return name
-    raise UserError(
-        f"{where}: cannot tell the data format from the keys {sorted(row)}. Fix: set data.format, or use "
-        "the keys of one format (alpaca: instruction/output; sharegpt: conversations; messages: messages; "
-        "prompt_completion: prompt/completion; text: text), or map yours with data.columns."
-    )
+    raise user_error(
+        f"cannot tell the data format from the keys {sorted(row)}", where,
+        "set data.format, or use the keys of one format (alpaca: instruction/output; sharegpt: conversations; "
+        "messages: messages; prompt_completion: prompt/completion; text: text), or map yours with data.columns")
 
 
 def to_messages(row: dict, fmt: str) -> tuple[Message, ...]:

@@ -7,16 +7,20 @@ packing efficiency (real tokens / token slots).
 
 from __future__ import annotations
 
-from instructkit.config import DataConfig
+from typing import TYPE_CHECKING
+
+from instructkit.config import IGNORE, DataConfig
 from instructkit.data.packing import packing_efficiency
 from instructkit.data.pipeline import build_datasets
-from instructkit.config import IGNORE
 from instructkit.data.tokenize import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
 
-def supervised_spans(example: Example, tokenizer) -> list[dict]:
+def supervised_spans(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[dict]:
     """The example as consecutive runs of tokens, each decoded, with whether it is supervised."""
     spans: list[dict] = []
     for token, label in zip(example.input_ids, example.labels):
@@ -39,7 +43,7 @@ def _percentiles(lengths: list[int]) -> dict:
             "mean": round(sum(lengths) / len(lengths), 1)}
 
 
-def inspect_data(data_cfg: DataConfig, tokenizer, seed: int, n: int = 3) -> dict:
+def inspect_data(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, n: int = 3) -> dict:
     """Everything `data inspect` shows, as plain data (what --json prints)."""
     data = build_datasets(data_cfg, tokenizer, seed)
     st = data.stats

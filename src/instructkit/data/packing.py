@@ -10,11 +10,14 @@ loaded model really isolates examples is checked on the model itself before trai
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from instructkit.config import IGNORE
 from instructkit.data.tokenize import Example
-from instructkit.errors import UserError
+from instructkit.errors import user_error
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -56,7 +59,7 @@ def packed_batch(packs: Sequence[Sequence[Example]]) -> dict:
             "position_ids": torch.tensor([positions])}
 
 
-def check_isolation(model, vocab_size: int, device, atol: float) -> None:
+def check_isolation(model: torch.nn.Module, vocab_size: int, device: torch.device | str, atol: float) -> None:
     """Refuse packing when the model lets packed examples see each other: logits of two short
     sequences packed in one row must equal their logits run alone."""
     import torch
@@ -73,6 +76,6 @@ def check_isolation(model, vocab_size: int, device, atol: float) -> None:
     model.train(was_training)
     error = (packed - alone).abs().max().item()
     if error > atol:
-        raise UserError(f"data.packing is on, but with this model and attention implementation packed examples "
-                        f"attend to each other (logits differ by {error:.3g} from the example run alone). "
-                        "Fix: set model.attn_implementation to sdpa or flash_attention_2, or data.packing: false.")
+        raise user_error(f"packing is on, but with this model and attention implementation packed examples attend "
+                         f"to each other (logits differ by {error:.3g} from the example run alone)", "data.packing",
+                         "set model.attn_implementation to sdpa or flash_attention_2, or data.packing: false")

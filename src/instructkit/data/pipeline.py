@@ -11,17 +11,27 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
 from instructkit.config import DataConfig, DatasetSpec, instructkit_home
 from instructkit.data.formats import Conversation
-from instructkit.data.sources import BadRow, Resolved, apply_weight, read_resolved, resolve_source
+from instructkit.data.sources import (
+    BadRow,
+    Resolved,
+    apply_weight,
+    read_resolved,
+    resolve_source,
+)
 from instructkit.data.templates import Template, resolve_template
 from instructkit.data.tokenize import Example, fit_length, tokenize_conversations
 from instructkit.data.validate import BadRowReport, convert_records, enforce
 from instructkit.errors import UserError
 from instructkit.files import atomic_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_FORMAT = 2
 
@@ -69,8 +79,8 @@ def split_off(conversations: list[Conversation], val_size: float, seed: int
     return ([c for i, c in enumerate(conversations) if i not in held], [conversations[i] for i in sorted(held)])
 
 
-def to_examples(conversations: list[Conversation], tokenizer, template: Template, data_cfg: DataConfig
-                ) -> tuple[list[Example], list[BadRow], dict]:
+def to_examples(conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, template: Template,
+                data_cfg: DataConfig) -> tuple[list[Example], list[BadRow], dict]:
     """Tokenize with masks and apply the over-length policy; over-length rows are bad rows under `error`."""
     eot_id = tokenizer.convert_tokens_to_ids(template.eot_token)
     pairs = tokenize_conversations(conversations, tokenizer, template, data_cfg.train_on_inputs,
@@ -91,14 +101,15 @@ def to_examples(conversations: list[Conversation], tokenizer, template: Template
                            "truncated": truncated, "dropped_examples": dropped[:5]}
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = json.dumps([tokenizer.special_tokens_map, tokenizer.chat_template], sort_keys=True, default=str)
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
-def cache_key(resolved: list[Resolved], tokenizer, template: Template, data_cfg: DataConfig, seed: int) -> str:
+def cache_key(resolved: list[Resolved], tokenizer: PreTrainedTokenizerBase, template: Template, data_cfg: DataConfig,
+              seed: int) -> str:
     settings = data_cfg.model_dump(mode="json", exclude={"num_proc", "cache", "packing"})
     parts = [CACHE_FORMAT, [r.fingerprint for r in resolved], tokenizer_fingerprint(tokenizer),
              template.source, template.eot_token, settings, seed]
@@ -146,7 +157,7 @@ def load_cache(directory: Path, template: Template) -> Datasets | None:
                     {**stats, "cache": "hit"})
 
 
-def build_datasets(data_cfg: DataConfig, tokenizer, seed: int) -> Datasets:
+def build_datasets(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Datasets:
     """The tokenized train and eval sets, the template that rendered them, and what happened to each row."""
     train_specs, eval_specs = data_cfg.train_specs, data_cfg.eval_specs
     train_src = resolve_sources(train_specs, "data.train_file")

@@ -9,9 +9,17 @@ segments (supervised through the end-of-turn token).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from instructkit.data.formats import Message
-from instructkit.errors import UserError
+from instructkit.errors import UserError, user_error
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from transformers import PreTrainedTokenizerBase
+
+BUILTIN_FIX = "set data.template to a builtin (alpaca, chatml, llama3 or plain)"
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.\n\n")
@@ -94,13 +102,13 @@ def _builtin(name: str, tokenizer) -> Template:
         source = "{{- bos_token -}}" + source
     eot = eot or tokenizer.eos_token
     if eot is None:
-        raise UserError(f"the template {name} ends turns with the EOS token, but the tokenizer has none. "
-                        "Fix: use a tokenizer with an EOS token or another template.")
+        raise user_error(f"the template {name} ends turns with the EOS token, but the tokenizer has none",
+                         "data.template", "use a tokenizer with an EOS token or another template")
     ids = tokenizer(eot, add_special_tokens=False).input_ids
     if len(ids) != 1:
-        raise UserError(f"the template {name} ends turns with {eot}, which this tokenizer does not have as one "
-                        f"token (it becomes {len(ids)} tokens), so the model could not learn to stop. "
-                        "Fix: set data.template to alpaca, or auto to use the tokenizer's own template.")
+        raise user_error(f"the template {name} ends turns with {eot}, which this tokenizer does not have as one "
+                         f"token (it becomes {len(ids)} tokens), so the model could not learn to stop", "data.template",
+                         "set data.template to alpaca, or auto to use the tokenizer's own template")
     return Template(name, source, eot, renders_input)
 
 
@@ -112,12 +120,12 @@ def _detect_eot(tokenizer, source: str) -> str:
     specials = {t for t in tokenizer.all_special_tokens if t} | {str(t) for t in tokenizer.get_added_vocab()}
     found = sorted((tail.find(t), t) for t in specials if t in tail)
     if not found:
-        raise UserError("the tokenizer's chat template does not end an assistant turn with a special token, so "
-                        "the model could not learn to stop. Fix: set data.template to a builtin (alpaca, chatml, llama3 or plain).")
+        raise user_error("the tokenizer's chat template does not end an assistant turn with a special token, so "
+                         "the model could not learn to stop", "data.template", BUILTIN_FIX)
     return found[0][1]
 
 
-def resolve_template(name: str, tokenizer) -> Template:
+def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> Template:
     """`auto` -> the tokenizer's chat template when it has one, else alpaca; or a named builtin."""
     if name == "auto":
         if not tokenizer.chat_template:
@@ -145,28 +153,29 @@ def _as_dicts(messages: tuple[Message, ...] | list[Message], template: Template)
     return out
 
 
-def render(template: Template, tokenizer, messages, add_generation_prompt: bool) -> str:
+def render(template: Template, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
+           add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(_as_dicts(messages, template), chat_template=template.source,
                                          tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _prefix_error(template: Template) -> UserError:
-    return UserError(f"the {template.name} template renders an earlier part of a conversation differently once "
-                     "later turns are added, so prompt and response cannot be split exactly. "
-                     "Fix: set data.template to a builtin (alpaca, chatml, llama3 or plain).")
+    return user_error(f"the {template.name} template renders an earlier part of a conversation differently once "
+                      "later turns are added, so prompt and response cannot be split exactly", "data.template",
+                      BUILTIN_FIX)
 
 
 def _text_segments(tokenizer, content: str) -> list[tuple[str, bool]]:
     """Plain text (continued pre-training): BOS when the tokenizer uses one, then text + EOS, all supervised."""
     if tokenizer.eos_token is None:
-        raise UserError("plain-text rows end with the EOS token, but the tokenizer has none. "
-                        "Fix: use a tokenizer with an EOS token.")
+        raise user_error("plain-text rows end with the EOS token, but the tokenizer has none", "model.name_or_path",
+                         "use a tokenizer with an EOS token")
     bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
     return [(text, supervised) for text, supervised in ((bos, False), (content + tokenizer.eos_token, True)) if text]
 
 
-def render_segments(template: Template, tokenizer, messages, add_generation_prompt: bool = False,
-                    turns: str = "all") -> list[tuple[str, bool]]:
+def render_segments(template: Template, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
+                    add_generation_prompt: bool = False, turns: str = "all") -> list[tuple[str, bool]]:
     """(text, supervised) pieces whose concatenation is the rendered conversation.
 
     Each assistant turn (only the last one with turns="last") is supervised up to and including its
@@ -187,8 +196,8 @@ def render_segments(template: Template, tokenizer, messages, add_generation_prom
         response = full[len(prompt):]
         end = response.rfind(template.eot_token)
         if end < 0:
-            raise UserError(f"the {template.name} template does not close an assistant turn with "
-                            f"{template.eot_token}. Fix: set data.template to a builtin (alpaca, chatml, llama3 or plain).")
+            raise user_error(f"the {template.name} template does not close an assistant turn with "
+                             f"{template.eot_token}", "data.template", BUILTIN_FIX)
         end += len(template.eot_token)
         supervised = turns == "all" or i == last
         segments += [(prompt[len(done):], False), (response[:end], supervised), (response[end:], False)]
@@ -201,7 +210,7 @@ def render_segments(template: Template, tokenizer, messages, add_generation_prom
     return [(text, supervised) for text, supervised in segments if text]
 
 
-def stop_token_ids(tokenizer, template: Template) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: Template) -> list[int]:
     """Generation stops at the template's end-of-turn token and at the tokenizer's EOS."""
     ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(template.eot_token)}
     return sorted(i for i in ids if i is not None)

@@ -11,8 +11,14 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import TYPE_CHECKING
 
 from instructkit.config import IGNORE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from instructkit.data.templates import Template
 
 CHUNK = 512  # rows per batched tokenizer call / per task of a worker process
 
@@ -28,13 +34,13 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, train_on_inputs: bool = False
-                      ) -> tuple[list[int], list[int]]:
+def tokenize_segments(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase,
+                      train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of the concatenated segments, and labels: ids where supervised, IGNORE elsewhere."""
     return tokenize_many([segments], tokenizer, train_on_inputs)[0]
 
 
-def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer, train_on_inputs: bool = False
+def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool = False
                   ) -> list[tuple[list[int], list[int]]]:
     """`tokenize_segments` for many rows with one batched tokenizer call."""
     texts = [text for segments in rows for text, _ in segments]
@@ -59,8 +65,8 @@ def _render_and_tokenize(args) -> list[tuple[list[int], list[int]]]:
     return tokenize_many(rows, tokenizer, train_on_inputs)
 
 
-def tokenize_conversations(conversations: list, tokenizer, template, train_on_inputs: bool, turns: str,
-                           num_proc: int = 1) -> list[tuple[list[int], list[int]]]:
+def tokenize_conversations(conversations: list, tokenizer: PreTrainedTokenizerBase, template: Template,
+                           train_on_inputs: bool, turns: str, num_proc: int = 1) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) for every conversation, in order."""
     chunks = [(conversations[i:i + CHUNK], tokenizer, template, train_on_inputs, turns)
               for i in range(0, len(conversations), CHUNK)]

@@ -9,9 +9,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from instructkit.data.formats import Conversation, RowError, detect_format, rename_columns, to_messages
+from instructkit.data.formats import (
+    Conversation,
+    RowError,
+    detect_format,
+    rename_columns,
+    to_messages,
+)
 from instructkit.data.sources import BadRow, Record
-from instructkit.errors import UserError
+from instructkit.errors import user_error
 
 SHOWN_PER_REASON = 5
 
@@ -75,5 +81,5 @@ def enforce(report: BadRowReport, on_bad_row: str, max_bad_fraction: float, spli
                     "check data.format and data.columns, which often explain many bad rows at once")
     else:
         return
-    raise UserError(f"{len(report.bad)} of {report.rows} {split} rows are bad ({share:.1%}{why}):\n"
-                    f"{report.format()}\nFix: {fix}.")
+    raise user_error(f"{len(report.bad)} of {report.rows} {split} rows are bad ({share:.1%}{why}):\n"
+                     f"{report.format()}", None, fix)
