@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -289,7 +290,10 @@ def apply_lora(model: torch.nn.Module, lora_cfg: "LoraConfig", gradient_checkpoi
                               target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
                               task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, peft_cfg)
+        with warnings.catch_warnings():  # peft asks transformers 5 for a renamed attribute: nothing a user can do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, peft_cfg)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
         raise user_error(f"LoRA cannot be applied ({exc})", "lora.target_modules",

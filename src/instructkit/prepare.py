@@ -122,10 +122,20 @@ def setup_model(cfg: RunConfig, model_path: str, plan: LoadPlan) -> torch.nn.Mod
     model = load_model(model_path, cfg.model, plan)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.method == "lora":
         model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing, cfg.model.load_in_4bit)
     return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in backward (non-reentrant, which works with frozen LoRA bases); under the name
+    transformers 5 uses (its old name warns on every run) or the old one on releases that lack it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def describe_model(model: torch.nn.Module, model_path: str, plan: LoadPlan) -> str:
@@ -174,8 +184,8 @@ def setup_loop(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: 
     micro_per_epoch = math.ceil(sampler.per_process() / tc.per_device_train_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.gradient_accumulation_steps)
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
-    scheduler = get_scheduler(tc.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(tc.lr_scheduler_type, optimizer, num_training_steps=total_steps,
+                              num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps))
     peak = matmul_peak_tflops(DTYPES[run.plan.compute_precision], str(acc.device),
                               size=4096 if acc.device.type == "cuda" else 1024)
     global_batch = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * acc.num_processes
