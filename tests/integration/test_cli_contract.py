@@ -1,29 +1,22 @@
 """Exit codes and messages of the real `python -m instructkit` process, and what it leaves on disk."""
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from instructkit.cli import main
-from tests.conftest import write_jsonl
+from tests.conftest import tree_digest, write_jsonl
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "instructkit", *args], capture_output=True, text=True,
                           env=env, timeout=300, **kwargs)
-
-
-def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_help_is_instant_and_lists_commands():

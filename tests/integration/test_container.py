@@ -17,17 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILE = (DOCKER / "Dockerfile").read_text()
 JUPYTER_ENV = Path(os.environ.get("INSTRUCTKIT_TEST_JUPYTER_ENV", "/opt/instructkit-test/jupyter"))
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def instructions(name: str) -> list[str]:

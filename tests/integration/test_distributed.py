@@ -4,7 +4,6 @@ batch, two "nodes" on 127.0.0.1 train together, a dead rank ends the job, and a 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,9 @@ import pytest
 from safetensors.torch import load_file
 
 from instructkit.metrics import read_metrics
-from tests.conftest import ROWS, write_jsonl
+from tests.conftest import ROWS, free_port, write_jsonl
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo launches are tested on Linux")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(config: Path, *args: str, nproc: int = 2, wait: bool = True, **popen):
