@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from instructkit.config import DTYPES
 from instructkit.data.collate import pad_batch
 from instructkit.data.formats import Message, RowError, prompt_messages
 from instructkit.data.sources import read_records
 from instructkit.data.templates import Template, render_segments, resolve_template, stop_token_ids
 from instructkit.data.tokenize import Example, tokenize_segments
 from instructkit.errors import user_error
-from instructkit.config import DTYPES
 from instructkit.models import load_pretrained, resolve_attention, resolve_precision
 
 
