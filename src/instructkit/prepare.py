@@ -19,12 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from instructkit.checkpoint import TrainingProgress, load_checkpoint, read_progress
 from instructkit.config import DTYPES, RunConfig
 from instructkit.data.collate import pad_batch
-from instructkit.data.packing import (
-    check_isolation,
-    pack,
-    packed_batch,
-    packing_efficiency,
-)
+from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
 from instructkit.data.pipeline import Datasets, build_datasets
 from instructkit.data.sampler import ResumableSampler
 from instructkit.distributed import (

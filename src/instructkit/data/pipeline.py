@@ -17,13 +17,7 @@ from filelock import FileLock
 
 from instructkit.config import DataConfig, DatasetSpec, instructkit_home
 from instructkit.data.formats import Conversation
-from instructkit.data.sources import (
-    BadRow,
-    Resolved,
-    apply_weight,
-    read_resolved,
-    resolve_source,
-)
+from instructkit.data.sources import BadRow, Resolved, apply_weight, read_resolved, resolve_source
 from instructkit.data.templates import Template, resolve_template
 from instructkit.data.tokenize import Example, fit_length, tokenize_conversations
 from instructkit.data.validate import BadRowReport, convert_records, enforce

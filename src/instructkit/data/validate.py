@@ -9,13 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from instructkit.data.formats import (
-    Conversation,
-    RowError,
-    detect_format,
-    rename_columns,
-    to_messages,
-)
+from instructkit.data.formats import Conversation, RowError, detect_format, rename_columns, to_messages
 from instructkit.data.sources import BadRow, Record
 from instructkit.errors import user_error
 
