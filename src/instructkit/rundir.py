@@ -1,23 +1,37 @@
-"""The run directory: refuse to mix runs, write the resolved config and the manifest."""
+"""The run directory: refuse to mix runs, own it while training, write the resolved config and the manifest.
+
+A run directory carries a marker file (MARKER) that says it is an instructkit run: `--overwrite` and a
+restart remove only the entries runs create, and never touch a directory without the marker. For the
+whole run the training process holds an exclusive lock on LOCK (fcntl: the kernel releases it on any
+death, kill -9 included, so a resume never needs a manual unlock); a second `train` on the same
+directory is refused while the first is alive.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
-import shutil
+import struct
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
 from instructkit.checkpoint import find_resumable, verify_checkpoint
 from instructkit.config import RunConfig, dump_config
 from instructkit.errors import user_error
-from instructkit.files import write_text
+from instructkit.files import remove, write_text
 
-RUN_MARKERS = ("config.yaml", "manifest.json")
+MARKER, LOCK = ".instructkit-run", ".instructkit.lock"
+# Everything a run creates in its directory; nothing else is ever removed from it.
+RUN_ENTRIES = (MARKER, "config.yaml", "manifest.json", "metrics.jsonl", "tensorboard", "checkpoints", "final",
+               ".final.tmp", "data_report.json", "eval", "report.html", "report.md", "train.log")
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -55,7 +69,14 @@ class RunDirPlan:
 
 
 def _is_run(path: Path) -> bool:
-    return any((path / m).exists() for m in RUN_MARKERS)
+    """An instructkit run: the marker, or a run of v0.1 (before the marker) known by its manifest's keys."""
+    if (path / MARKER).is_file():
+        return True
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"status", "versions", "start_time", "total_steps"} <= set(manifest)
 
 
 def _same_result(old_config: Path, cfg: RunConfig, allow_change: bool) -> None:
@@ -86,11 +107,12 @@ def plan_run_dir(cfg: RunConfig, overwrite: bool, allow_config_change: bool = Fa
             raise user_error(f"cannot resume from {checkpoint}: {problem}", "train.resume",
                              "point it at a checkpoints/step-NNNNNN directory with a COMPLETE marker")
         _same_result(checkpoint.parent.parent / "config.yaml", cfg, allow_config_change)
-        if run_dir.is_dir() and any(run_dir.iterdir()) and run_dir.resolve() != checkpoint.parent.parent.resolve():
+        if run_dir.is_dir() and any(p.name != LOCK for p in run_dir.iterdir()) \
+                and run_dir.resolve() != checkpoint.parent.parent.resolve():
             raise user_error(f"output_dir {run_dir} is not empty and is not the run of {checkpoint}", "output_dir",
                              "choose a new output_dir for the resumed run")
         return RunDirPlan(run_dir, "resume", checkpoint)
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
         return RunDirPlan(run_dir, "new")
     if not _is_run(run_dir):
         raise user_error(f"output_dir {run_dir} is not empty and holds no instructkit run", "output_dir",
@@ -112,17 +134,62 @@ def plan_run_dir(cfg: RunConfig, overwrite: bool, allow_config_change: bool = Fa
 
 
 def claim_run_dir(plan: RunDirPlan) -> None:
-    """Create the directory; for overwrite or restart, first remove the earlier run (checked by plan_run_dir)."""
+    """Create the directory and mark it as a run; for overwrite or restart, first remove what the earlier
+    run created (checked by plan_run_dir), and nothing else."""
     if plan.action in ("overwrite", "restart") and plan.path.is_dir() and _is_run(plan.path):
-        shutil.rmtree(plan.path)
-    probe = plan.path / ".write-test"
+        for name in RUN_ENTRIES:
+            remove(plan.path / name)
     try:
         plan.path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        write_text(plan.path / MARKER, "This directory is an instructkit run; --overwrite removes only what runs "
+                                       f"create: {', '.join(RUN_ENTRIES)}.\n")
     except OSError as exc:
         raise user_error(f"cannot write in output_dir {plan.path} ({exc.strerror})", "output_dir",
                          "choose a writable directory") from exc
+
+
+def _lock_holder(handle) -> str:
+    """'pid N' of the process holding the lock (the kernel knows it; nothing is written into the run)."""
+    fmt = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid
+    try:
+        pid = struct.unpack(fmt, fcntl.fcntl(handle, fcntl.F_GETLK, struct.pack(fmt, fcntl.F_WRLCK, 0, 0, 0, 0)))[4]
+    except OSError:
+        return "(unknown pid)"
+    return f"pid {pid}" if pid > 0 else "(on another machine sharing this file system)"
+
+
+@contextmanager
+def lock_run_dir(run_dir: Path, owner: bool = True) -> Iterator[None]:
+    """Hold the run directory's exclusive lock for the block; UserError naming the holder when another
+    process has it. `owner`: only the process that writes the directory (global rank 0) locks it.
+    A directory this call created and that holds nothing else when the block ends is removed again, so
+    refused input leaves nothing behind."""
+    if not owner:
+        yield
+        return
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK, "a+")
+    except OSError as exc:
+        raise user_error(f"cannot write in output_dir {run_dir} ({exc.strerror})", "output_dir",
+                         "choose a writable directory") from exc
+    try:
+        try:  # a POSIX record lock: unlike flock, forked children (data loader workers) do not share it
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise user_error(f"output_dir {run_dir} is in use by the training process {_lock_holder(handle)}",
+                             "output_dir",
+                             "wait for that run to finish or stop it (Ctrl-C checkpoints it), or choose another "
+                             "output_dir; a killed run releases the lock by itself") from None
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+        if created and [p.name for p in run_dir.iterdir()] in ([LOCK], []):
+            remove(run_dir / LOCK)
+            run_dir.rmdir()
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:

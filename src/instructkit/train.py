@@ -11,6 +11,7 @@ divided by all their units, so it does not depend on how the tokens were split i
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 from pathlib import Path
@@ -38,7 +39,7 @@ from instructkit.prepare import (
     setup_model,
     setup_runtime,
 )
-from instructkit.rundir import claim_run_dir, now, plan_run_dir, write_config
+from instructkit.rundir import RunDirPlan, claim_run_dir, lock_run_dir, now, plan_run_dir, write_config
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -173,8 +174,15 @@ def save_final(run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedToken
 def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = False) -> Path:
     """Train per `cfg` (resuming when the output directory holds a checkpoint of the same run) and
     return the run directory; raises UserError on bad input before anything is written."""
+    plan_run_dir(cfg, overwrite, allow_config_change)  # refuse bad input before anything is written
+    # Global rank 0 owns the directory for the whole run; the plan is made again under its lock, since
+    # another process may have changed the directory meanwhile.
+    with lock_run_dir(Path(cfg.output_dir), owner=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg, plan_run_dir(cfg, overwrite, allow_config_change))
+
+
+def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     started = now()
-    plan_dir = plan_run_dir(cfg, overwrite, allow_config_change)
     run = setup_runtime(cfg)
     for note in plan_dir.notes:
         run.say(f"note: {note}")

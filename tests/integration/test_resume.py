@@ -233,3 +233,77 @@ def test_a_burst_of_signals_still_exits_130(tiny_config, tmp_path):
     code, out = finish(proc)
     assert code == 130, out
     assert all(verify_checkpoint(p) is None for p in complete_checkpoints(run / "checkpoints"))
+
+
+def test_a_second_train_on_a_running_directory_is_refused_and_the_first_finishes(tiny_config, tmp_path, reference):
+    run = tmp_path / "run"
+    config = same_data(tiny_config, reference, run)
+    first = start(config, delay=0.4)
+    wait_for_steps(run, 1, first)
+    code, out = finish(start(config))
+    assert code == 2, out
+    assert f"is in use by the training process pid {first.pid}" in out and "Traceback" not in out
+    code, out = finish(first)
+    assert code == 0, out
+    assert outcome(run) == reference[0]  # the first run was not disturbed
+
+
+def test_after_kill_9_of_the_holder_the_same_command_resumes(tiny_config, tmp_path, reference):
+    run = tmp_path / "run"
+    config = same_data(tiny_config, reference, run)
+    proc = start(config, delay=0.4)
+    wait_for_steps(run, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / ".instructkit.lock").is_file()  # left behind, but the kernel released the lock itself
+    code, out = finish(start(config))
+    assert code == 0 and "resumed from" in out, out
+    assert outcome(run) == reference[0]
+
+
+@pytest.mark.parametrize("tamper", [{"world_size": "abc"}, {"batch_in_epoch": -1}, {"world_size": 10**9},
+                                    {"step": None}], ids=["type", "negative", "huge", "missing"])
+def test_a_tampered_newest_checkpoint_is_skipped_with_its_reason(tiny_config, tmp_path, reference, tamper):
+    run = tmp_path / "run"
+    config = same_data(tiny_config, reference, run)
+    proc = start(config, delay=0.4)
+    wait_for_steps(run, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((newest / "state.json").read_text())
+    state.update(tamper)
+    (newest / "state.json").write_text(json.dumps({k: v for k, v in state.items() if v is not None}))
+    code, out = finish(start(config))
+    assert code == 0, out
+    assert f"ignoring {newest.name}: state.json is not valid" in out
+    assert outcome(run) == reference[0]
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_config, tmp_path, capsys):
+    from instructkit.cli import main
+    from tests.conftest import tree_digest
+
+    project = tmp_path / "project"  # a user's folder that happens to hold a config.yaml and a manifest.json
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('mine')\n")
+    (project / "config.yaml").write_text("mine: true\n")
+    (project / "manifest.json").write_text('{"name": "my project"}\n')
+    (project / "notes.md").write_text("notes\n")
+    before = tree_digest(project)
+    for flag in ("--overwrite", "--allow-config-change"):
+        assert main(["train", str(tiny_config(output_dir=str(project))), flag]) == 2
+        assert "holds no instructkit run" in capsys.readouterr().err
+        assert tree_digest(project) == before
+
+
+def test_overwrite_of_a_run_removes_only_what_runs_create(tiny_config, tmp_path):
+    from instructkit.cli import main
+
+    config = tiny_config()
+    assert main(["train", str(config)]) == 0
+    run = config.parent / "run"
+    assert (run / ".instructkit-run").is_file()
+    (run / "my-notes.txt").write_text("keep me\n")
+    assert main(["train", str(config), "--overwrite"]) == 0
+    assert (run / "my-notes.txt").read_text() == "keep me\n" and (run / "final").is_dir()
