@@ -88,8 +88,8 @@ class Engine:
 
     def health(self) -> tuple[int, dict]:
         s = self.scheduler
-        body = {"status": "ok", "model": self.model_id, "queued": len(s.pending) + s.reserved,
-                "running": len(s.running)}
+        body = {"status": "ok", "model": self.model_id, "queued": s.waiting(),
+                "running": len(s.running), "batches": {str(k): v for k, v in sorted(s.batch_sizes.items())}}
         if s.stuck_for():
             return 503, {**body, "status": "stuck", "detail": f"a generation is {s.stuck_for():.0f} s past its time "
                                                               "limit and does not stop; restart the server"}
@@ -153,9 +153,18 @@ class Reply:
 
     def whole(self, text: str, end: End, prompt_tokens: int) -> dict:
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model_id,
-                "choices": [self.choice(text, end.reason, False)],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": end.tokens,
-                          "total_tokens": prompt_tokens + end.tokens}}
+                "choices": [self.choice(text, end.reason, False)], "usage": self.usage(end, prompt_tokens)}
+
+    def usage_chunk(self, end: End, prompt_tokens: int) -> str:
+        """The last chunk when the client asked for stream_options.include_usage, as OpenAI sends it."""
+        kind = f"{self.kind}.chunk" if self.chat else self.kind
+        return _sse({"id": self.id, "object": kind, "created": self.created, "model": self.model_id, "choices": [],
+                     "usage": self.usage(end, prompt_tokens)})
+
+    @staticmethod
+    def usage(end: End, prompt_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": end.tokens,
+                "total_tokens": prompt_tokens + end.tokens}
 
 
 async def answer_whole(job: Job, reply: Reply, receive) -> dict:
@@ -171,7 +180,7 @@ async def answer_whole(job: Job, reply: Reply, receive) -> dict:
     return reply.whole("".join(parts), event, len(job.ids))
 
 
-async def answer_stream(job: Job, reply: Reply, receive) -> AsyncIterator[str]:
+async def answer_stream(job: Job, reply: Reply, receive, usage: bool = False) -> AsyncIterator[str]:
     """Server-sent events; a failure becomes an error event, then the stream ends. However the stream
     ends (done, failed, client gone, task cancelled), the job is cancelled, so its rows stop."""
     watcher = watch_disconnect(receive, job)
@@ -184,6 +193,8 @@ async def answer_stream(job: Job, reply: Reply, receive) -> AsyncIterator[str]:
             yield _sse(event.error.body())
         elif event.reason != "cancelled":
             yield reply.chunk(reply.choice(None if reply.chat else "", event.reason, True))
+            if usage:
+                yield reply.usage_chunk(event, len(job.ids))
             yield "data: [DONE]\n\n"
     finally:
         watcher.cancel()
@@ -297,7 +308,8 @@ def create_app(engine: Engine, api_key: str | None = None):
             job = await engine.start(request)
             reply = Reply(engine.model_id, chat=kind is ChatRequest)
             if request.stream:
-                return Stream(answer_stream(job, reply, http.receive), media_type="text/event-stream")
+                usage = bool(request.stream_options and request.stream_options.include_usage)
+                return Stream(answer_stream(job, reply, http.receive, usage), media_type="text/event-stream")
             return await answer_whole(job, reply, http.receive)
         except (ApiError, asyncio.CancelledError):
             raise

@@ -95,11 +95,16 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
 class SamplingRequest(_Strict):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
+    stream_options: Union[StreamOptions, None] = None
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1)
     seed: Union[int, None] = Field(None, ge=0, le=SEED_MAX)
