@@ -1,6 +1,7 @@
 """`instructkit serve` on 127.0.0.1, called with the official openai client: chat, streaming,
-completions, batched concurrent requests, keys, strict types, limits, and the faults that used to wedge
-the server (a generation that raises, a client that leaves, a full queue, a stuck step)."""
+completions, batched concurrent requests, keys, strict types, stop strings, and faults that used to wedge
+the server (a generation that raises, a client that leaves mid-stream). Limits, the full queue, a stuck
+step, load and SIGTERM: test_serve_load.py."""
 
 import json
 import socket
@@ -333,82 +334,6 @@ def test_every_route_but_health_needs_the_key(server):
     assert call(server["url"], "/openapi.json")[0] == 200
     status, body, _ = call(server["url"], "/health", key=None)
     assert status == 200 and body["status"] == "ok"
-
-
-@pytest.fixture(scope="module")
-def tight(server):
-    """A second server on the same model with small limits, no key, and a short time limit."""
-    from instructkit.serve import Engine, create_app
-    from instructkit.serve_types import ServeLimits
-
-    limits = ServeLimits(max_body_bytes=4096, max_messages=4, max_prompt_chars=300, max_stop_strings=2,
-                         max_stop_chars=8, max_queue=2, request_timeout=2.0, stuck_grace=0.5)
-    engine = Engine(server["loaded"], "tiny", default_max_tokens=6, limits=limits)
-    srv, thread, url = start_server(create_app(engine))
-    yield {"url": url, "engine": engine, "model": server["loaded"].model}
-    srv.should_exit = True
-    thread.join(timeout=10)
-
-
-def slow_steps(monkeypatch, model, seconds: float, only_call: int | None = None) -> None:
-    forward, calls = model.forward, [0]
-
-    def slow(*args, **kwargs):
-        calls[0] += 1
-        if only_call is None or calls[0] == only_call:
-            time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", slow)
-
-
-@pytest.mark.parametrize("body, flag", [
-    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}] * 5}), "--max-messages"),
-    (chat("x" * 301), "--max-prompt-chars"),
-    (chat("hi", stop=["a", "b", "c"]), "--max-stop-strings"),
-    (chat("hi", stop="123456789"), "--max-stop-chars"),
-    (chat("x" * 200, stop=["a"] * 2000), "--max-body-bytes")])
-def test_each_limit_is_refused_naming_the_flag_that_raises_it(tight, body, flag):
-    status, answer, _ = call(tight["url"], "/v1/chat/completions", body if isinstance(body, bytes) else body.encode(),
-                             key=None)
-    assert status == (413 if flag == "--max-body-bytes" else 400) and flag in answer["error"]["message"], answer
-
-
-def test_the_model_name_is_checked_before_anything_else(tight):
-    body = json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x" * 100}] * 5}).encode()
-    status, answer, _ = call(tight["url"], "/v1/chat/completions", body, key=None)
-    assert status == 404 and answer["error"]["code"] == "model_not_found"
-
-
-def test_past_the_queue_requests_get_429_with_retry_after_and_the_queued_ones_are_answered(tight, monkeypatch):
-    slow_steps(monkeypatch, tight["model"], 0.02)
-    engine = tight["engine"]
-    conn, response = open_stream(tight["url"], json.dumps({"model": "tiny", "prompt": "Once upon", "max_tokens": 500,
-                                                           "temperature": 0, "stream": True}).encode(), key=None)
-    read_events(response, 1)
-    with ThreadPoolExecutor(2) as pool:
-        queued = [pool.submit(call, tight["url"], "/v1/chat/completions", chat(p, temperature=0), None)
-                  for p in ("Say yes.", "Say no.")]
-        wait_until(lambda: len(engine.scheduler.pending) == 2, 10, "two requests queued")
-        status, answer, headers = call(tight["url"], "/v1/chat/completions", chat("Say yes."), key=None)
-        assert status == 429 and answer["error"]["code"] == "queue_full" and "--max-queue" in answer["error"]["message"]
-        assert int(headers["Retry-After"]) >= 1
-        response.close()
-        conn.close()
-        assert [q.result(timeout=10)[0] for q in queued] == [200, 200]
-
-
-def test_a_stuck_step_turns_health_503_the_request_gets_504_and_the_server_recovers(tight, monkeypatch):
-    slow_steps(monkeypatch, tight["model"], 3.5, only_call=2)
-    with ThreadPoolExecutor(1) as pool:
-        started = time.time()
-        pending = pool.submit(call, tight["url"], "/v1/chat/completions", chat("Say yes.", temperature=0), None)
-        wait_until(lambda: call(tight["url"], "/health", key=None)[0] == 503, 5, "health reports the stuck step")
-        assert call(tight["url"], "/health", key=None)[1]["status"] == "stuck"
-        status, answer, _ = pending.result(timeout=10)
-        assert status == 504 and answer["error"]["code"] == "request_timeout" and time.time() - started < 4
-    wait_until(lambda: call(tight["url"], "/health", key=None)[0] == 200, 5, "health is back once the step ends")
-    assert call(tight["url"], "/v1/chat/completions", chat("Say yes.", max_tokens=2), key=None)[0] == 200
 
 
 def test_the_serve_flags_document_the_limits_defaults_and_a_key_on_the_command_line_warns(tmp_path, capsys):
