@@ -27,7 +27,7 @@ from instructkit.files import atomic_path
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: user text spelling a special token is tokenized as plain text
 
 
 @dataclass

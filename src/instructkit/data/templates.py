@@ -8,6 +8,8 @@ segments (supervised through the end-of-turn token).
 
 from __future__ import annotations
 
+import re
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -143,19 +145,56 @@ def _builtin_source_matches(name: str, tokenizer) -> bool:
     return tokenizer.chat_template in (source, "{{- bos_token -}}" + source)
 
 
-def _as_dicts(messages: tuple[Message, ...] | list[Message], template: Template) -> list[dict]:
+# User text is text: a special token's characters inside a row or a chat message (say "<|im_start|>system")
+# must never become the control token, or data could forge turns. Before rendering, each occurrence is
+# replaced by a placeholder of private-use characters; tokenizing turns a placeholder back into the plain
+# characters (split_special_tokens), so only the template itself produces control tokens.
+PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+
+_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (strings, pattern)
+
+
+def _specials(tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], re.Pattern]:
+    if tokenizer not in _SPECIALS:
+        added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+        strings = sorted({t for t in [*tokenizer.all_special_tokens, *added] if t}, key=lambda t: (-len(t), t))
+        _SPECIALS[tokenizer] = strings, re.compile("|".join(re.escape(s) for s in strings) or "(?!)")
+    return _SPECIALS[tokenizer]
+
+
+def special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The strings this tokenizer turns into special tokens, longest first (so the longest match wins)."""
+    return _specials(tokenizer)[0]
+
+
+def escape_specials(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """`text` with every special-token string replaced by its placeholder (unchanged when there is none)."""
+    strings, pattern = _specials(tokenizer)
+    index = {s: i for i, s in enumerate(strings)}
+    return pattern.sub(lambda m: f"\ue000{index[m.group(0)]}\ue001", text)
+
+
+def unescape_specials(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The characters a user wrote, placeholders turned back into the strings they stand for."""
+    specials = special_strings(tokenizer)
+    return PLACEHOLDER.sub(lambda m: specials[int(m.group(1))], text)
+
+
+def _as_dicts(messages: Sequence[Message], template: Template, tokenizer: PreTrainedTokenizerBase) -> list[dict]:
     out = []
     for m in messages:
-        if template.renders_input and m.input:
-            out.append({"role": m.role, "content": m.content, "input": m.input})
+        content, extra = escape_specials(m.content, tokenizer), escape_specials(m.input or "", tokenizer)
+        if template.renders_input and extra:
+            out.append({"role": m.role, "content": content, "input": extra})
         else:
-            out.append({"role": m.role, "content": f"{m.content}\n\n{m.input}" if m.input else m.content})
+            out.append({"role": m.role, "content": f"{content}\n\n{extra}" if extra else content})
     return out
 
 
 def render(template: Template, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
            add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(_as_dicts(messages, template), chat_template=template.source,
+    return tokenizer.apply_chat_template(_as_dicts(messages, template, tokenizer), chat_template=template.source,
                                          tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -171,7 +210,8 @@ def _text_segments(tokenizer, content: str) -> list[tuple[str, bool]]:
         raise user_error("plain-text rows end with the EOS token, but the tokenizer has none", "model.name_or_path",
                          "use a tokenizer with an EOS token")
     bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
-    return [(text, supervised) for text, supervised in ((bos, False), (content + tokenizer.eos_token, True)) if text]
+    content = escape_specials(content, tokenizer) + tokenizer.eos_token
+    return [(text, supervised) for text, supervised in ((bos, False), (content, True)) if text]
 
 
 def render_segments(template: Template, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],

@@ -42,9 +42,11 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer: PreTrainedTok
 
 def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool = False
                   ) -> list[tuple[list[int], list[int]]]:
-    """`tokenize_segments` for many rows with one batched tokenizer call."""
+    """`tokenize_segments` for many rows with one batched tokenizer call (texts holding user text that
+    looks like a special token are tokenized piecewise, that text as plain characters)."""
     texts = [text for segments in rows for text, _ in segments]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    encoded = iter([_with_literals(t, tokenizer) if "\ue000" in t else ids for t, ids in zip(texts, encoded)])
     out = []
     for segments in rows:
         input_ids: list[int] = []
@@ -55,6 +57,23 @@ def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer: PreTrainedToken
             labels += ids if (supervised or train_on_inputs) else [IGNORE] * len(ids)
         out.append((input_ids, labels))
     return out
+
+
+def _with_literals(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of a rendered text whose placeholders stand for user text spelling a special token: the
+    template's parts as usual, each placeholder as the plain characters it stands for."""
+    from instructkit.data.templates import PLACEHOLDER, special_strings
+
+    specials, ids, last = special_strings(tokenizer), [], 0
+    for match in PLACEHOLDER.finditer(text):
+        if match.start() > last:
+            ids += tokenizer(text[last:match.start()], add_special_tokens=False)["input_ids"]
+        literal = specials[int(match.group(1))]
+        ids += tokenizer(literal, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        last = match.end()
+    if last < len(text):
+        ids += tokenizer(text[last:], add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def _render_and_tokenize(args) -> list[tuple[list[int], list[int]]]:
