@@ -78,10 +78,10 @@ def _cmd_validate(args) -> int:
 def _cmd_data_inspect(args) -> int:
     from instructkit.config import load_config
     from instructkit.data.inspect import format_inspection, inspect_data
-    from instructkit.models import load_tokenizer, resolve_model
+    from instructkit.models import load_config_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    _, tokenizer = load_config_tokenizer(cfg.model)
     report = inspect_data(cfg.data, tokenizer, cfg.seed, n=args.n)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_inspection(report, color))
@@ -91,14 +91,13 @@ def _cmd_data_inspect(args) -> int:
 def _cmd_data_prepare(args) -> int:
     from instructkit.config import load_config
     from instructkit.data.pipeline import build_datasets, describe_data
-    from instructkit.models import load_tokenizer, resolve_model
+    from instructkit.models import load_config_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.data.cache:
         raise UserError("data prepare fills the tokenized-data cache, and data.cache is false. "
                         "Fix: set data.cache: true (the default)")
-    tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle),
-                               cfg.model.trust_remote_code, cfg.model.revision)
+    _, tokenizer = load_config_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, cfg.seed)
     print(describe_data(data, cfg.data.max_length))
     print("train reads this cache at start, so no process waits on tokenizing")
@@ -184,7 +183,7 @@ def _cmd_serve(args) -> int:
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UserError("instructkit serve needs FastAPI and uvicorn, which are not installed. "
                         "Fix: pip install 'instructkit[serve]'")
-    from instructkit.serve import served_name, serve
+    from instructkit.serve import serve, served_name
     from instructkit.serve_types import ServeLimits
 
     api_key = _serve_api_key(args)

@@ -13,15 +13,25 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import Any
 
 from instructkit.data.formats import Message
 from instructkit.data.templates import stop_token_ids
 from instructkit.generate import Loaded, prompt_example
 from instructkit.serve_batch import BatchGenerator, End, Event, Failed, Job, Sampling, Scheduler, Text
-from instructkit.serve_types import (ApiError, ChatRequest, CompletionRequest, SamplingRequest, ServeLimits,
-                                     check_limits, internal_error, over_limit, parse_request)
+from instructkit.serve_types import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    ServeLimits,
+    check_limits,
+    internal_error,
+    over_limit,
+    parse_request,
+)
 
 
 class Engine:

@@ -14,8 +14,8 @@ import math
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable, Union
 
 from instructkit.serve_types import ApiError, ServeLimits, internal_error, over_limit
 
@@ -53,7 +53,7 @@ class Failed:
     error: ApiError
 
 
-Event = Union[Text, End, Failed]
+Event = Text | End | Failed
 
 
 class Job:
@@ -352,11 +352,11 @@ class BatchGenerator:
         ids = [[self.pad] * (width - len(job.ids)) + job.ids for job in jobs]
         mask = [[0] * (width - len(job.ids)) + [1] * len(job.ids) for job in jobs]
         s = jobs[0].sampling
-        sampling = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p) if s.do_sample \
-            else dict(do_sample=False)
+        sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.do_sample \
+            else {"do_sample": False}
         config = GenerationConfig(max_new_tokens=max(job.max_tokens for job in jobs), eos_token_id=list(s.eos),
                                   pad_token_id=self.pad, **sampling)
         if s.do_sample and s.seed is not None:
             torch.manual_seed(s.seed)  # seeded requests run alone (Sampling.key), so the seed is theirs
-        return dict(input_ids=torch.tensor(ids, device=self.device),
-                    attention_mask=torch.tensor(mask, device=self.device), generation_config=config)
+        return {"input_ids": torch.tensor(ids, device=self.device),
+                "attention_mask": torch.tensor(mask, device=self.device), "generation_config": config}

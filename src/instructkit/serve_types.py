@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, fields
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -89,7 +89,7 @@ class ContentPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[ContentPart]]
+    content: str | list[ContentPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -104,10 +104,10 @@ class SamplingRequest(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
-    stream_options: Union[StreamOptions, None] = None
-    stop: Union[str, list[str], None] = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
-    seed: Union[int, None] = Field(None, ge=0, le=SEED_MAX)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
 
     def stops(self) -> list[str]:
         """The stop strings, empty ones dropped: an empty string would match before any text, so
@@ -118,15 +118,15 @@ class SamplingRequest(_Strict):
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Union[int, None] = Field(None, ge=1)
-    max_completion_tokens: Union[int, None] = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
 
     def prompt_chars(self) -> int:
         return sum(len(m.text()) for m in self.messages)
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     max_tokens: int = Field(16, ge=1)
 
     def prompt_chars(self) -> int:

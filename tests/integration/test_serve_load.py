@@ -119,9 +119,9 @@ def health(port: int) -> tuple[int, dict]:
 def one(port: int, kind: str, prompt: str, expected: dict[str, str]) -> tuple[str, float, str]:
     """Send one request of `kind`; returns (kind, seconds, outcome), outcome 'ok' when it went as it must."""
     started = time.time()
-    greedy = dict(max_tokens=MAX_TOKENS, temperature=0)
+    greedy = {"max_tokens": MAX_TOKENS, "temperature": 0}
     if kind in ("whole", "sampled"):
-        body, path = body_for(prompt, **(greedy if kind == "whole" else dict(max_tokens=MAX_TOKENS, temperature=0.8)))
+        body, path = body_for(prompt, **(greedy if kind == "whole" else {"max_tokens": MAX_TOKENS, "temperature": 0.8}))
         status, answer = whole(port, body, path)
         choice = answer.get("choices", [{}])[0]
         got = choice.get("text", choice.get("message", {}).get("content"))
@@ -150,6 +150,7 @@ def test_two_hundred_and_forty_mixed_requests_from_16_clients_leave_the_server_a
     for prompt in CHATS + PROMPTS:  # one at a time: the reference answers
         body, path = body_for(prompt, max_tokens=MAX_TOKENS, temperature=0)
         status, answer = whole(port, body, path)
+        assert status == 200, answer
         choice = answer["choices"][0]
         expected[prompt] = choice.get("text", choice.get("message", {}).get("content"))
     with ThreadPoolExecutor(8) as pool:  # warm up batches before measuring memory
@@ -196,7 +197,7 @@ def test_sigterm_under_load_answers_everyone_and_exits_within_5_s(served):
             outcomes.append((0, type(exc).__name__))
 
     def stalled():
-        conn, response = request(port, *body_for("Once upon", stream=True, max_tokens=900, temperature=0))
+        conn, _response = request(port, *body_for("Once upon", stream=True, max_tokens=900, temperature=0))
         time.sleep(8)  # reads nothing
         conn.close()
 
