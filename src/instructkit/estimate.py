@@ -43,8 +43,9 @@ def model_shape(cfg: RunConfig) -> Shape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from instructkit.models import apply_lora, load_model_config, resolve_model
+    from instructkit.models import apply_lora, check_remote_code, load_model_config, resolve_model
 
+    check_remote_code(cfg.model)
     path = resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     try:
         config = load_model_config(path, cfg.model.trust_remote_code, cfg.model.revision)

@@ -189,6 +189,23 @@ def resolve_attention(attn: str) -> str:
     return "sdpa"
 
 
+def check_remote_code(model_cfg: "ModelConfig") -> None:
+    """trust_remote_code runs the hub repository's code: only at a pinned, reviewed commit."""
+    if model_cfg.trust_remote_code and not Path(model_cfg.name_or_path).expanduser().is_dir() \
+            and not re.fullmatch(r"[0-9a-f]{40}", model_cfg.revision or ""):
+        raise user_error("trust_remote_code runs code from the model's hub repository, which can change under "
+                         "the same name", "model.revision", "pin model.revision to a 40-hex commit hash of "
+                         "the repository you reviewed")
+
+
+def load_config_tokenizer(model_cfg: "ModelConfig") -> tuple[str, PreTrainedTokenizerBase]:
+    """(model path, tokenizer) of a run config's model: the remote-code rule checked, the pinned revision
+    used. Every command that reads a config's tokenizer goes through here."""
+    check_remote_code(model_cfg)
+    path = resolve_model(model_cfg.name_or_path, model_cfg.allow_pickle)
+    return path, load_tokenizer(path, model_cfg.trust_remote_code, model_cfg.revision)
+
+
 def check_runtime(model_cfg: "ModelConfig") -> None:
     """Refuse settings this machine cannot run, before anything is loaded."""
     import torch
@@ -200,11 +217,7 @@ def check_runtime(model_cfg: "ModelConfig") -> None:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise user_error("model.load_in_4bit (QLoRA) needs bitsandbytes, which is not installed",
                              "model.load_in_4bit", "pip install 'instructkit[gpu]'")
-    if model_cfg.trust_remote_code and not Path(model_cfg.name_or_path).expanduser().is_dir() \
-            and not re.fullmatch(r"[0-9a-f]{40}", model_cfg.revision or ""):
-        raise user_error("trust_remote_code runs code from the model's hub repository, which can change under "
-                         "the same name", "model.revision", "pin model.revision to a 40-hex commit hash of "
-                         "the repository you reviewed")
+    check_remote_code(model_cfg)
     if model_cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise user_error("attn_implementation flash_attention_2 needs the flash-attn package",
                          "model.attn_implementation", "install flash-attn, or use auto or sdpa")

@@ -38,10 +38,9 @@ from instructkit.models import (
     apply_lora,
     check_runtime,
     count_parameters,
+    load_config_tokenizer,
     load_model,
-    load_tokenizer,
     plan_loading,
-    resolve_model,
 )
 from instructkit.rundir import RunDirPlan, git_commit, resume_history
 
@@ -106,8 +105,7 @@ def setup_data(cfg: RunConfig) -> tuple[str, Any, Datasets]:
     """(model path, tokenizer, tokenized data): every bad row is reported before a model is loaded.
     One process tokenizes and fills the cache while the others wait on its file lock, not on a
     collective, so a long tokenization cannot trip train.ddp_timeout."""
-    model_path = resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+    model_path, tokenizer = load_config_tokenizer(cfg.model)
     return model_path, tokenizer, build_datasets(cfg.data, tokenizer, cfg.seed)
 
 

@@ -86,10 +86,26 @@ def test_pickled_weights_need_allow_pickle(tiny_config, tiny_model_dir, tmp_path
     assert main(["train", str(tiny_config(model={"name_or_path": str(pickled), "allow_pickle": True}))]) == 0
 
 
-def test_remote_code_from_the_hub_needs_a_pinned_revision(tiny_config, capsys):
+@pytest.mark.parametrize("command", [["validate"], ["train"], ["data", "inspect"], ["data", "prepare"], ["estimate"]])
+def test_remote_code_from_the_hub_needs_a_pinned_revision(tiny_config, capsys, command):
     config = tiny_config(model={"name_or_path": "someone/model", "trust_remote_code": True})
-    assert main(["validate", str(config)]) == 2
+    assert main([*command, str(config)]) == 2
     assert "pin model.revision to a 40-hex commit hash" in capsys.readouterr().err
+
+
+def test_data_inspect_loads_the_pinned_revision(tiny_config, monkeypatch):
+    from instructkit import models
+
+    seen = {}
+    real = models.load_tokenizer
+
+    def spy(path, trust_remote_code=False, revision=None):
+        seen["revision"] = revision
+        return real(path, trust_remote_code)
+
+    monkeypatch.setattr(models, "load_tokenizer", spy)
+    assert main(["data", "inspect", str(tiny_config(model={"revision": "a" * 40}))]) == 0
+    assert seen["revision"] == "a" * 40
 
 
 MALFORMED = {
