@@ -1,6 +1,7 @@
 """The pipeline on real files: malformed corpus, bad-row policy, cache, sources and mixing."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,21 @@ def test_parallel_tokenization_equals_serial(tmp_path, byte_tokenizer):
     parallel = build(byte_tokenizer, path, cache=False, num_proc=2)
     assert [(e.input_ids, e.labels, e.where) for e in serial.train] == \
            [(e.input_ids, e.labels, e.where) for e in parallel.train]
+
+
+def test_folder_sources_skip_dot_folders_and_read_each_real_file_once(tmp_path):
+    from instructkit.data.sources import resolve_source
+
+    row = '{"instruction": "a", "output": "b"}\n'
+    data = tmp_path / "data"
+    (data / ".ipynb_checkpoints").mkdir(parents=True)
+    (data / "train.jsonl").write_text(row)
+    (data / ".ipynb_checkpoints" / "train-checkpoint.jsonl").write_text(row)  # JupyterLab's copy
+    (data / "sub").mkdir()
+    (data / "sub" / "more.jsonl").write_text(row)
+    (data / "sub" / "loop").symlink_to(data, target_is_directory=True)  # a link loop
+    folder = resolve_source(str(data), "train", "data.train_file")
+    pattern = resolve_source(str(data / "**" / "*.jsonl"), "train", "data.train_file")
+    for resolved in (folder, pattern):
+        names = sorted(Path(f).name for f in resolved.files)
+        assert names == ["more.jsonl", "train.jsonl"], names

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
 import hashlib
 import io
 import json
@@ -59,17 +60,38 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _folder_files(folder: Path) -> list[Path]:
+    """Data files under a folder, skipping dot-folders and dot-files (JupyterLab's .ipynb_checkpoints holds a
+    copy of every edited file) and not following symlinked folders (a link loop would repeat files)."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in SUFFIXES]
+    return _once(sorted(found))
+
+
+def _once(files: list[Path]) -> list[Path]:
+    """Each real file once, however many paths (links, `**` through a link loop) lead to it."""
+    seen, out = set(), []
+    for file in files:
+        real = os.path.realpath(file)
+        if real not in seen:
+            seen.add(real)
+            out.append(file)
+    return out
+
+
 def _expand(name: str, key: str) -> list[Path] | None:
     """Files named by a path, glob or directory; None when `name` should be a hub dataset id."""
     path = Path(name).expanduser()
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = _folder_files(path)
         if not files:
             raise user_error(f"the directory {name} holds no {'/'.join(SUFFIXES)} files", key, "check the path")
     elif any(ch in name for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        files = _once(sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()))
         if not files:
             raise user_error(f"no file matches the pattern {name}", key, "check the pattern")
     elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")) and Path(name).suffix.lower() not in SUFFIXES:
