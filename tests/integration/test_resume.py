@@ -70,6 +70,14 @@ def wait_for_steps(run: Path, n: int, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+def kill_after_steps(config: Path, run: Path, steps: int) -> None:
+    """Start training, SIGKILL it once `steps` optimizer steps are logged (checkpoints exist for them)."""
+    proc = start(config, delay=0.4)
+    wait_for_steps(run, steps, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def resumed_mid_epoch(run: Path) -> bool:
     """The checkpoint the run resumed from was taken inside an epoch (4 micro-batches each)."""
     checkpoint = Path(json.loads((run / "manifest.json").read_text())["resumed"][0]["from_checkpoint"])
@@ -127,10 +135,8 @@ def same_data(tiny_config, reference, run, **kw):
 def test_sigkill_then_resume_is_bit_identical(tiny_config, tmp_path, reference, workers):
     run = tmp_path / "run"
     config = same_data(tiny_config, reference, run, workers=workers)
-    proc = start(config, delay=0.4)
-    wait_for_steps(run, 2, proc)  # checkpoints exist for steps 1-2; killed in step 3 (mid-epoch)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_steps(config, run, 2)  # checkpoints exist for steps 1-2; killed in step 3 (mid-epoch)
+    assert (run / ".instructkit.lock").is_file()  # left behind: the kernel released the lock, nobody unlocks
     code, out = finish(start(config))
     assert code == 0, out
     assert "resumed from" in out and resumed_mid_epoch(run)
@@ -248,28 +254,12 @@ def test_a_second_train_on_a_running_directory_is_refused_and_the_first_finishes
     assert outcome(run) == reference[0]  # the first run was not disturbed
 
 
-def test_after_kill_9_of_the_holder_the_same_command_resumes(tiny_config, tmp_path, reference):
-    run = tmp_path / "run"
-    config = same_data(tiny_config, reference, run)
-    proc = start(config, delay=0.4)
-    wait_for_steps(run, 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (run / ".instructkit.lock").is_file()  # left behind, but the kernel released the lock itself
-    code, out = finish(start(config))
-    assert code == 0 and "resumed from" in out, out
-    assert outcome(run) == reference[0]
-
-
 @pytest.mark.parametrize("tamper", [{"world_size": "abc"}, {"batch_in_epoch": -1}, {"world_size": 10**9},
                                     {"step": None}], ids=["type", "negative", "huge", "missing"])
 def test_a_tampered_newest_checkpoint_is_skipped_with_its_reason(tiny_config, tmp_path, reference, tamper):
     run = tmp_path / "run"
     config = same_data(tiny_config, reference, run)
-    proc = start(config, delay=0.4)
-    wait_for_steps(run, 3, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_steps(config, run, 3)
     newest = sorted((run / "checkpoints").glob("step-*"))[-1]
     state = json.loads((newest / "state.json").read_text())
     state.update(tamper)
