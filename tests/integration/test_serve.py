@@ -3,6 +3,7 @@ completions, batched concurrent requests, keys, strict types, stop strings, and 
 the server (a generation that raises, a client that leaves mid-stream). Limits, the full queue, a stuck
 step, load and SIGTERM: test_serve_load.py."""
 
+import http.client
 import json
 import socket
 import subprocess
@@ -189,8 +190,6 @@ def jobs(server, monkeypatch):
 
 def open_stream(url: str, body: bytes, path: str = "/v1/completions", key: str | None = KEY):
     """A raw streaming request, so the test decides when to read and when to hang up."""
-    import http.client
-
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", path, body, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
@@ -264,6 +263,26 @@ def test_a_client_that_leaves_mid_stream_frees_the_model_within_one_token(server
     assert job.tokens_at_cancel is not None and job.tokens - job.tokens_at_cancel <= 1 and job.tokens < 900
     reply = client.completions.create(model="tiny", prompt="Once upon", max_tokens=3, temperature=0)
     assert reply.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_while_queued_is_dropped_before_it_runs(server, jobs, stream):
+    """Noticed from the connection itself, not from a failed send: a queued request sends nothing."""
+    long = json.dumps({"model": "tiny", "prompt": "Once upon", "max_tokens": 900, "temperature": 0, "stream": True})
+    conn, response = open_stream(server["url"], long.encode())
+    read_events(response, 1)
+    host, port = server["url"].removeprefix("http://").split(":")
+    queued = http.client.HTTPConnection(host, int(port), timeout=30)
+    queued.request("POST", "/v1/chat/completions", chat("Say yes.", max_tokens=5, temperature=0, stream=stream),
+                   {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    scheduler = server["engine"].scheduler
+    wait_until(lambda: len(scheduler.pending) == 1, 10, "the second request queued")
+    queued.close()
+    wait_until(lambda: jobs[-1].cancelled, 10, "the queued request cancelled when its client left")
+    response.close()
+    conn.close()
+    wait_until(lambda: not scheduler.running and not scheduler.pending, 10, "the server idle again")
+    assert jobs[-1].tokens == 0 and jobs[-1].ended
 
 
 def test_a_generation_that_raises_ends_its_stream_with_an_error_event_and_the_next_request_is_answered(
