@@ -62,7 +62,8 @@ class ServeLimits:
 
     def __post_init__(self):
         for f in fields(self):
-            if getattr(self, f.name) < 0 or (f.name.startswith("max_") and getattr(self, f.name) < 1):
+            at_least_one = f.name.startswith("max_") or f.name == "request_timeout"
+            if getattr(self, f.name) < 0 or (at_least_one and getattr(self, f.name) <= 0):
                 raise ValueError(f"--{flag(f.name)} must be positive, not {getattr(self, f.name)}")
 
 
