@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from instructkit.data.formats import Message
 from instructkit.data.templates import stop_token_ids
@@ -32,6 +32,9 @@ from instructkit.serve_types import (
     over_limit,
     parse_request,
 )
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 class Engine:
@@ -259,7 +262,7 @@ class Guard:
         await JSONResponse(error.body(), status_code=error.status, headers=error.headers)(scope, receive, send)
 
 
-def create_app(engine: Engine, api_key: str | None = None):
+def create_app(engine: Engine, api_key: str | None = None) -> "FastAPI":
     """The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions, /health (the one open route)."""
     from contextlib import asynccontextmanager
 

@@ -17,13 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai  # the dev extra installs it: a missing client is a failure, not a skip
 import pytest
 
+from tests.conftest import free_port
+
 KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(app) -> tuple:
