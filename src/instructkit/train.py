@@ -182,6 +182,7 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
 
 
 def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
+    """The run itself, in the directory this process owns: set-up steps, the loop, final/ and the manifest."""
     started = now()
     run = setup_runtime(cfg)
     for note in plan_dir.notes:
