@@ -15,6 +15,7 @@ import threading
 import traceback
 
 from instructkit.errors import TrainingInterrupted, UserError
+from instructkit.serve_cli import add_serve_parser
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -135,7 +136,8 @@ def _cmd_generate(args) -> int:
 def _cmd_chat(args) -> int:
     from instructkit.generate import chat, load_for_inference
 
-    chat(load_for_inference(args.run_or_model, allow_pickle=args.allow_pickle), input, print, system=args.system, **_sampling(args))
+    loaded = load_for_inference(args.run_or_model, allow_pickle=args.allow_pickle)
+    chat(loaded, input, print, system=args.system, **_sampling(args))
     return EXIT_OK
 
 
@@ -175,55 +177,6 @@ def _cmd_export_gguf(args) -> int:
     return EXIT_OK
 
 
-def _cmd_serve(args) -> int:
-    import importlib.util
-
-    from instructkit.generate import load_for_inference
-
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise UserError("instructkit serve needs FastAPI and uvicorn, which are not installed. "
-                        "Fix: pip install 'instructkit[serve]'")
-    from instructkit.serve import serve, served_name
-    from instructkit.serve_types import ServeLimits
-
-    api_key = _serve_api_key(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use the model",
-              file=sys.stderr)
-    try:
-        limits = ServeLimits(**{k: v for k, v in vars(args).items() if k in SERVE_LIMIT_FLAGS and v is not None})
-    except ValueError as exc:
-        raise UserError(f"{exc}. Fix: give a positive number.") from None
-    loaded = load_for_inference(args.run_or_model, precision=args.precision, allow_pickle=args.allow_pickle)
-    name = args.model_name or served_name(args.run_or_model)
-    print(f"serving {loaded.source} as model '{name}' on http://{args.host}:{args.port}/v1"
-          + (" (bearer key required)" if api_key else ""), flush=True)
-    serve(loaded, name, args.host, args.port, api_key, limits)
-    return EXIT_OK
-
-
-def _serve_api_key(args) -> str | None:
-    """--api-key-file, else INSTRUCTKIT_API_KEY, else --api-key (which every user of `ps` can read)."""
-    if args.api_key_file and args.api_key:
-        raise UserError("serve: both --api-key-file and --api-key were given. Fix: give only --api-key-file.")
-    if args.api_key_file:
-        from pathlib import Path
-
-        try:
-            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise UserError(f"--api-key-file {args.api_key_file}: cannot read it ({exc.strerror}). "
-                            "Fix: give a readable file that holds the key on one line.") from None
-        if not key:
-            raise UserError(f"--api-key-file {args.api_key_file} is empty. Fix: write the key into it.")
-        return key
-    if args.api_key:
-        print("warning: --api-key shows the key to anyone who can list processes (ps); "
-              "use --api-key-file or INSTRUCTKIT_API_KEY instead", file=sys.stderr)
-        return args.api_key
-    return os.environ.get("INSTRUCTKIT_API_KEY") or None
-
-
 def _cmd_env(args) -> int:
     from instructkit.env import collect, format_table, gpu_problem
 
@@ -256,25 +209,24 @@ def _config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     return p
 
 
-# The limits of `serve` (instructkit.serve_types.ServeLimits, not imported here: --help must answer at once).
-SERVE_LIMIT_FLAGS = {
-    "max_body_bytes": ("max-body-bytes", int, "largest request body (default 1048576)"),
-    "max_messages": ("max-messages", int, "most messages in a chat request (default 128)"),
-    "max_prompt_chars": ("max-prompt-chars", int, "most characters in a prompt (default 100000)"),
-    "max_stop_strings": ("max-stop-strings", int, "most stop strings in a request (default 4)"),
-    "max_stop_chars": ("max-stop-chars", int, "longest stop string (default 128)"),
-    "max_queue": ("max-queue", int, "requests that may wait for the model; past it 429 (default 64)"),
-    "max_batch": ("max-batch", int, "requests generated together in one batch (default 8)"),
-    "request_timeout": ("request-timeout", float, "seconds a request may take, waiting included (default 300)"),
-    "drain_timeout": ("drain-timeout", float, "seconds running requests may finish after SIGTERM (default 2)"),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instructkit", description="Instruction tuning of causal language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training_parsers(sub)
+    _add_inference_parsers(sub)
+    _add_export_parsers(sub)
+    add_serve_parser(sub)
+    p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--require-gpu", action="store_true", help="exit 1 unless a GPU is usable")
+    p.add_argument("--output-dir", default="runs", help="where free disk space is measured")
+    p.set_defaults(func=_cmd_env)
+    return parser
 
+
+def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
+    """train, validate, data inspect/prepare, estimate: the commands that read a run config."""
     p = _config_command(sub, "train", "train a run from a YAML config", _cmd_train)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     p.add_argument("--allow-config-change", action="store_true",
@@ -304,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB (default: the visible GPU's)")
     p.add_argument("--json", action="store_true", help="print the table as JSON, bytes per part")
 
+
+def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
+    """generate, chat, eval, report: the commands that use a trained run or a model."""
     p = sub.add_parser("generate", help="generate from a run or model with its training template")
     p.add_argument("run_or_model")
     p.add_argument("--prompt", help="the instruction")
@@ -337,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.set_defaults(func=_cmd_report)
 
+
+def _add_export_parsers(sub: argparse._SubParsersAction) -> None:
+    """merge and export-gguf: the tuned model as files other tools load."""
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base: a standalone model directory")
     p.add_argument("run")
     p.add_argument("--out", required=True, help="directory to write")
@@ -344,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the merged weights (default: the base model's own)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shards above this size (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (unpickled)")
+    _add_allow_pickle(p)
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("export-gguf", help="write a GGUF file (llama.cpp, Ollama) with tokenizer and chat template")
@@ -352,29 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--dtype", choices=["f16", "q8_0"], default="f16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (unpickled)")
+    _add_allow_pickle(p)
     p.set_defaults(func=_cmd_export_gguf)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, completions, streaming)")
-    p.add_argument("run_or_model")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key-file", help="require 'Authorization: Bearer KEY', KEY read from this file "
-                                          "(or set INSTRUCTKIT_API_KEY)")
-    p.add_argument("--api-key", help="the key itself (visible in ps: prefer --api-key-file)")
-    p.add_argument("--model-name", help="the model id clients ask for (default: the run's directory name)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .bin weights (unpickled)")
-    for name, kind, what in SERVE_LIMIT_FLAGS.values():
-        p.add_argument(f"--{name}", type=kind, help=what)
-    p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--require-gpu", action="store_true", help="exit 1 unless a GPU is usable")
-    p.add_argument("--output-dir", default="runs", help="where free disk space is measured")
-    p.set_defaults(func=_cmd_env)
-    return parser
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -19,7 +19,8 @@ from instructkit.data.sources import read_records
 from instructkit.data.templates import Template, render_segments, resolve_template, stop_token_ids
 from instructkit.data.tokenize import Example, tokenize_segments
 from instructkit.errors import user_error
-from instructkit.models import load_pretrained, resolve_attention, resolve_precision
+from instructkit.hardware import resolve_attention, resolve_precision
+from instructkit.models import load_pretrained
 
 
 @dataclass

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from instructkit.config import DTYPES, instructkit_home
 from instructkit.errors import user_error
 from instructkit.files import atomic_path
+from instructkit.hardware import resolve_attention, resolve_precision
 
 if TYPE_CHECKING:
     import torch
@@ -153,40 +153,6 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     with atomic_path(target, keep_existing=True) as tmp:  # another process may have converted it first
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-def resolve_precision(precision: str) -> str:
-    """auto -> bf16 on GPUs that support it, fp16 on older GPUs; on a CPU, bf16 only where a bf16
-    matmul measures clearly faster than fp32 (CPU flags such as avx512_bf16 do not promise that)."""
-    import torch
-
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_bf16_speedup() > BF16_MIN_SPEEDUP else "fp32"
-
-
-BF16_MIN_SPEEDUP = 1.3
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_speedup() -> float:
-    """bf16 over fp32 matmul throughput on this CPU, measured once per process (about 0.1 s)."""
-    from instructkit.metrics import matmul_peak_tflops
-
-    return matmul_peak_tflops("bfloat16", size=512) / matmul_peak_tflops("float32", size=512)
-
-
-def resolve_attention(attn: str) -> str:
-    """auto -> flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
-    import torch
-
-    if attn != "auto":
-        return attn
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def check_remote_code(model_cfg: "ModelConfig") -> None:

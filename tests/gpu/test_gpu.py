@@ -8,7 +8,7 @@ import torch
 
 from instructkit.cli import main
 from instructkit.metrics import read_metrics
-from instructkit.models import resolve_precision
+from instructkit.hardware import resolve_precision
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -355,7 +355,8 @@ def test_the_serve_flags_document_the_limits_defaults_and_a_key_on_the_command_l
     import dataclasses
     import re
 
-    from instructkit.cli import SERVE_LIMIT_FLAGS, main
+    from instructkit.cli import main
+    from instructkit.serve_cli import SERVE_LIMIT_FLAGS
     from instructkit.serve_types import ServeLimits
 
     defaults = {f.name: f.default for f in dataclasses.fields(ServeLimits)}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from instructkit import models
+from instructkit import hardware
 from instructkit.metrics import training_flops
 
 
@@ -11,9 +11,9 @@ def test_cpu_auto_precision_follows_the_measured_speedup(monkeypatch, speedup, e
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(models, "cpu_bf16_speedup", lambda: speedup)
-    assert models.resolve_precision("auto") == expected
-    assert models.resolve_precision("fp32") == "fp32"
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: speedup)
+    assert hardware.resolve_precision("auto") == expected
+    assert hardware.resolve_precision("fp32") == "fp32"
 
 
 def test_training_flops_by_hand():
