@@ -2,7 +2,8 @@
 
 Every place that produces a result a later step or another process reads (the manifest, a checkpoint,
 `final/`, the tokenized cache, a merged model, a GGUF file, the converted builtin model) goes through
-`atomic_path`, so a crash, a full disk or Ctrl-C leaves either the old result or the new one.
+`atomic_path`, so a crash, a full disk or Ctrl-C leaves either the old result or the new one (a file is
+replaced in one rename; a directory in two, with the old one moved aside and deleted afterwards).
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ def atomic_path(target: Path, tmp_name: str | None = None, keep_existing: bool =
     if target.exists() and keep_existing:
         remove(tmp)
         return
-    if target.is_dir() and not target.is_symlink():  # rename cannot replace a non-empty directory
-        shutil.rmtree(target)
+    if target.is_dir() and not target.is_symlink():
+        # rename cannot replace a non-empty directory: move the old one aside first (two renames, so
+        # the target is missing only between them, never half-written), then delete it
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        remove(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     os.replace(tmp, target)
 
 

@@ -31,7 +31,7 @@ from instructkit.files import remove, write_text
 MARKER, LOCK = ".instructkit-run", ".instructkit.lock"
 # Everything a run creates in its directory; nothing else is ever removed from it.
 RUN_ENTRIES = (MARKER, "config.yaml", "manifest.json", "metrics.jsonl", "tensorboard", "checkpoints", "final",
-               ".final.tmp", "data_report.json", "eval", "report.html", "report.md", "train.log")
+               ".final.tmp", "data_report.json", "eval", "report")
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -287,12 +287,14 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_config, tmp_pat
         assert tree_digest(project) == before
 
 
-def test_overwrite_of_a_run_removes_only_what_runs_create(tiny_config, tmp_path):
+def test_overwrite_of_a_run_removes_only_what_runs_create(tiny_config, finished_tiny_run):
+    import shutil
+
     from instructkit.cli import main
 
     config = tiny_config()
-    assert main(["train", str(config)]) == 0
     run = config.parent / "run"
+    shutil.copytree(finished_tiny_run, run)  # a finished run of this config
     assert (run / ".instructkit-run").is_file()
     (run / "my-notes.txt").write_text("keep me\n")
     assert main(["train", str(config), "--overwrite"]) == 0

@@ -152,33 +152,40 @@ def _builtin_source_matches(name: str, tokenizer) -> bool:
 PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
 
-_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (strings, pattern)
+# The placeholder's own opening character counts as one of the strings, so user text that contains it is
+# escaped too and can neither forge a placeholder nor crash tokenizing.
+PLACEHOLDER_OPEN = "\ue000"
 
 
-def _specials(tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], re.Pattern]:
-    if tokenizer not in _SPECIALS:
+@dataclass(frozen=True)
+class _Escapes:
+    strings: list[str]  # special-token strings longest first (the longest match wins), then PLACEHOLDER_OPEN
+    pattern: re.Pattern
+    index: dict[str, int]
+
+
+_ESCAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _Escapes, built once
+
+
+def _escapes(tokenizer: PreTrainedTokenizerBase) -> _Escapes:
+    if tokenizer not in _ESCAPES:
         added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-        strings = sorted({t for t in [*tokenizer.all_special_tokens, *added] if t}, key=lambda t: (-len(t), t))
-        _SPECIALS[tokenizer] = strings, re.compile("|".join(re.escape(s) for s in strings) or "(?!)")
-    return _SPECIALS[tokenizer]
+        specials = {t for t in [*tokenizer.all_special_tokens, *added] if t}
+        strings = [*sorted(specials, key=lambda t: (-len(t), t)), PLACEHOLDER_OPEN]
+        _ESCAPES[tokenizer] = _Escapes(strings, re.compile("|".join(re.escape(s) for s in strings)),
+                                       {s: i for i, s in enumerate(strings)})
+    return _ESCAPES[tokenizer]
 
 
 def special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The strings this tokenizer turns into special tokens, longest first (so the longest match wins)."""
-    return _specials(tokenizer)[0]
+    """What placeholder N stands for: the tokenizer's special-token strings, then PLACEHOLDER_OPEN."""
+    return _escapes(tokenizer).strings
 
 
 def escape_specials(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """`text` with every special-token string replaced by its placeholder (unchanged when there is none)."""
-    strings, pattern = _specials(tokenizer)
-    index = {s: i for i, s in enumerate(strings)}
-    return pattern.sub(lambda m: f"\ue000{index[m.group(0)]}\ue001", text)
-
-
-def unescape_specials(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The characters a user wrote, placeholders turned back into the strings they stand for."""
-    specials = special_strings(tokenizer)
-    return PLACEHOLDER.sub(lambda m: specials[int(m.group(1))], text)
+    escapes = _escapes(tokenizer)
+    return escapes.pattern.sub(lambda m: f"\ue000{escapes.index[m.group(0)]}\ue001", text)
 
 
 def _as_dicts(messages: Sequence[Message], template: Template, tokenizer: PreTrainedTokenizerBase) -> list[dict]:
