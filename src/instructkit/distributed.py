@@ -192,6 +192,16 @@ def check_resume_world(state: TrainingProgress, world: int, global_batch: int, c
             "batch; dropout RNG streams of the new processes start fresh, so the result is not bit-identical")
 
 
+def leave_process_group() -> None:
+    """Tear down the process group once the run is done: left to interpreter shutdown, gloo's threads
+    were destroyed while running and a rank could abort (SIGABRT, "terminate called without an active
+    exception") after a complete run, failing the whole job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def eval_shard(examples: list, rank: int, world: int) -> list:
     """This process's share of the eval set. Every process gets the same number of examples (a sharded
     model runs its forward passes together), the missing ones filled with an unsupervised copy that

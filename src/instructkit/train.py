@@ -21,7 +21,7 @@ from instructkit.checkpoint import TrainingProgress, save_checkpoint
 from instructkit.config import RunConfig
 from instructkit.data.pipeline import describe_data
 from instructkit.data.templates import stop_token_ids
-from instructkit.distributed import agreed_signal, full_weights, no_sync, ranks_of
+from instructkit.distributed import agreed_signal, full_weights, leave_process_group, no_sync, ranks_of
 from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.files import atomic_path, write_json
 from instructkit.loss import SupervisedLoss, count_supervised
@@ -178,7 +178,9 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
     # Global rank 0 owns the directory for the whole run; the plan is made again under its lock, since
     # another process may have changed the directory meanwhile.
     with lock_run_dir(Path(cfg.output_dir), owner=int(os.environ.get("RANK", "0")) == 0):
-        return _train(cfg, plan_run_dir(cfg, overwrite, allow_config_change))
+        run_dir = _train(cfg, plan_run_dir(cfg, overwrite, allow_config_change))
+    leave_process_group()
+    return run_dir
 
 
 def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
