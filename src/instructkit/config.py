@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from instructkit.errors import UserError, user_error
 
@@ -61,6 +61,10 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # The label of a position that is never supervised (PyTorch cross-entropy's ignore_index).
 IGNORE = -100
 
+# Builtin template names (their sources live in data/templates.py) and the suffixes of template files.
+TEMPLATE_BUILTINS = ("alpaca", "alpaca_short", "chatml", "llama3", "plain")
+TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2")
+
 Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
 
 
@@ -93,9 +97,10 @@ class DataConfig(_Strict):
     format: Format = Field("auto", description="row format; auto detects it per source and says which")
     columns: Union[dict[str, str], None] = Field(
         None, description="rename columns to the format's names, e.g. {instruction: question, output: answer}")
-    template: Literal["auto", "alpaca", "chatml", "llama3", "plain"] = Field(
-        "auto", description="prompt template; auto: the tokenizer's chat template, else alpaca"
-    )
+    template: str = Field(
+        "auto", description="prompt template: auto (the tokenizer's chat template, else alpaca), a builtin "
+        "(alpaca, alpaca_short, chatml, llama3, plain), a Jinja chat template file (.jinja, .j2) or an inline "
+        "Jinja string")
     max_length: int = Field(512, ge=8, description="maximum tokens of one example")
     train_on_inputs: bool = Field(False, description="also supervise prompt tokens")
     train_on_turns: Literal["all", "last"] = Field("all", description="which assistant turns are supervised")
@@ -108,6 +113,18 @@ class DataConfig(_Strict):
     packing: bool = Field(False, description="pack examples into rows of max_length, each attending only to itself")
     num_proc: int = Field(1, ge=1, description="processes for tokenization")
     cache: bool = Field(True, description="cache tokenized data on disk, keyed by content, tokenizer and settings")
+
+    @field_validator("template")
+    @classmethod
+    def _template_spec(cls, value: str) -> str:
+        if value == "auto" or value in TEMPLATE_BUILTINS or "{{" in value or "{%" in value:
+            return value
+        if Path(value).suffix in TEMPLATE_SUFFIXES:
+            if not Path(value).is_file():
+                raise ValueError(f"template file not found: {value} (paths are relative to the current directory)")
+            return value
+        raise ValueError("not a template: use auto, a builtin (" + ", ".join(TEMPLATE_BUILTINS)
+                         + "), a Jinja file ending in " + " or ".join(TEMPLATE_SUFFIXES) + ", or an inline Jinja string")
 
     @property
     def train_specs(self) -> list[DatasetSpec]:
