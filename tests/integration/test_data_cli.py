@@ -82,3 +82,12 @@ def test_concurrent_processes_tokenize_once(tiny_config, tmp_path):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert sorted("cache: miss" in o for o in outs) == [False, True], outs
+
+
+def test_a_broken_template_file_stops_data_inspect_naming_the_file(tiny_config, tmp_path, capsys):
+    """Checked when the template is resolved, before any row is tokenized: exit 2, the file and the turn."""
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")  # no end-of-turn token
+    assert main(["data", "inspect", str(tiny_config()), f"data.template={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: turn 3 (assistant)" in err and "could not learn to stop" in err and "Traceback" not in err

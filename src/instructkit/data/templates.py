@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedTokenizerBase
 
-BUILTIN_FIX = "set data.template to a builtin (alpaca, chatml, llama3 or plain)"
+BUILTIN_FIX = "set data.template to a builtin (alpaca, alpaca_short, chatml, llama3 or plain)"
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.\n\n")
@@ -34,22 +34,33 @@ def _jinja_str(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
+def _alpaca(preamble: str, preamble_input: str) -> str:
+    """The Alpaca layout under a preamble (none when both are empty): one builder, so alpaca and
+    alpaca_short differ only in the preamble."""
+    head = "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}"
+    if preamble or preamble_input:
+        head += ("{%- elif messages[0]['input'] is defined and messages[0]['input'] -%}{{- " + _jinja_str(preamble_input)
+                 + " -}}{%- else -%}{{- " + _jinja_str(preamble) + " -}}")
+    return head + (
+        "{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' -%}{{- '\\n\\n' -}}{%- endif -%}"
+        "{{- '### Instruction:\\n' + message['content'] + '\\n\\n' -}}"
+        "{%- if message['input'] is defined and message['input'] -%}"
+        "{{- '### Input:\\n' + message['input'] + '\\n\\n' -}}{%- endif -%}"
+        "{{- '### Response:\\n' -}}"
+        "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
 # The seed's Alpaca format; a system message replaces the preamble. The Input block is left out
-# when the input is empty. Turns after the first are separated by a blank line.
-ALPACA = (
-    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}"
-    "{%- elif messages[0]['input'] is defined and messages[0]['input'] -%}{{- " + _jinja_str(ALPACA_PREAMBLE_INPUT) + " -}}"
-    "{%- else -%}{{- " + _jinja_str(ALPACA_PREAMBLE) + " -}}{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' -%}{{- '\\n\\n' -}}{%- endif -%}"
-    "{{- '### Instruction:\\n' + message['content'] + '\\n\\n' -}}"
-    "{%- if message['input'] is defined and message['input'] -%}"
-    "{{- '### Input:\\n' + message['input'] + '\\n\\n' -}}{%- endif -%}"
-    "{{- '### Response:\\n' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
-    "{%- endif -%}{%- endfor -%}"
-)
+# when the input is empty. Turns after the first are separated by a blank line. The source must stay
+# byte-identical: `auto` recognises tokenizers saved by earlier runs by it.
+ALPACA = _alpaca(ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT)
+# The article's format: the same layout without the Stanford preamble (a system message still comes first).
+ALPACA_SHORT = _alpaca("", "")
 
 CHATML = (
     "{%- for message in messages -%}"
@@ -77,6 +88,7 @@ PLAIN = (
 # name -> (jinja source, end-of-turn token or None for the tokenizer's EOS, renders `input` itself)
 BUILTINS: dict[str, tuple[str, str | None, bool]] = {
     "alpaca": (ALPACA, None, True),
+    "alpaca_short": (ALPACA_SHORT, None, True),
     "chatml": (CHATML, "<|im_end|>", False),
     "llama3": (LLAMA3, "<|eot_id|>", False),
     "plain": (PLAIN, None, False),
@@ -114,21 +126,38 @@ def _builtin(name: str, tokenizer) -> Template:
     return Template(name, source, eot, renders_input)
 
 
+def find_eot(tokenizer, tail: str) -> str | None:
+    """The end-of-turn token in `tail`, what a template writes after an answer: its first special token."""
+    specials = {t for t in tokenizer.all_special_tokens if t} | {str(t) for t in tokenizer.get_added_vocab()}
+    found = sorted((tail.find(t), t) for t in specials if t in tail)
+    return found[0][1] if found else None
+
+
 def _detect_eot(tokenizer, source: str) -> str:
     """The special token that closes an assistant turn in a tokenizer's own template."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Q9Z"}]
     rendered = tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
-    tail = rendered[rendered.rfind("Q9Z") + 3:]
-    specials = {t for t in tokenizer.all_special_tokens if t} | {str(t) for t in tokenizer.get_added_vocab()}
-    found = sorted((tail.find(t), t) for t in specials if t in tail)
-    if not found:
+    eot = find_eot(tokenizer, rendered[rendered.rfind("Q9Z") + 3:])
+    if eot is None:
         raise user_error("the tokenizer's chat template does not end an assistant turn with a special token, so "
                          "the model could not learn to stop", "data.template", BUILTIN_FIX)
-    return found[0][1]
+    return eot
+
+
+def detect_renders_input(tokenizer, source: str) -> bool:
+    """Whether a template prints a message's `input` itself (an Alpaca-style layout). Decided by rendering,
+    not by name, so a user template and the same source read back from a saved tokenizer agree, and the
+    run generates with exactly the prompt it trained on."""
+    probe = [{"role": "user", "content": "Hi", "input": "I7Q"}, {"role": "assistant", "content": "Q9Z"}]
+    try:
+        return "I7Q" in tokenizer.apply_chat_template(probe, chat_template=source, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this fails later, with a message saying where
+        return False
 
 
 def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> Template:
-    """`auto` -> the tokenizer's chat template when it has one, else alpaca; or a named builtin."""
+    """`auto` -> the tokenizer's chat template when it has one, else alpaca; a builtin by name; or the
+    user's own Jinja template (a file or an inline string), checked on probe conversations before use."""
     if name == "auto":
         if not tokenizer.chat_template:
             return _builtin("alpaca", tokenizer)
@@ -136,8 +165,13 @@ def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> Template:
             if _builtin_source_matches(builtin, tokenizer):
                 return _builtin(builtin, tokenizer)
         source = tokenizer.chat_template
-        return Template("tokenizer", source, _detect_eot(tokenizer, source), False)
-    return _builtin(name, tokenizer)
+        return Template("tokenizer", source, _detect_eot(tokenizer, source), detect_renders_input(tokenizer, source))
+    if name in BUILTINS:
+        return _builtin(name, tokenizer)
+    # Imported here: user_template builds on this module (Template, render), so it cannot be imported at the top.
+    from instructkit.data.user_template import load_user_template
+
+    return load_user_template(name, tokenizer)
 
 
 def _builtin_source_matches(name: str, tokenizer) -> bool:
