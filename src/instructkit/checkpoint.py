@@ -50,6 +50,10 @@ class TrainingProgress(BaseModel):
     global_batch: int = Field(ge=1)
     world_size: int = Field(1, ge=1, le=65536)  # a bound: verifying lists one file per rank
     sharded: bool = False
+    # The best-checkpoint tracker (selection.Tracker): lowest eval loss, its step, evaluations since.
+    best_eval_loss: float | None = None
+    best_step: int | None = Field(None, ge=0)
+    evals_since_best: int = Field(0, ge=0)
 
 
 def read_progress(path: Path) -> TrainingProgress:
@@ -97,7 +101,7 @@ def export_state(state: dict, sharded: bool = False) -> dict:
     return {k: _export(v, sharded) for k, v in state.items()}
 
 
-def _import(saved, like, sharded: bool):
+def import_tensor(saved, like, sharded: bool):
     """A stored tensor in the form of `like`: a plain tensor, or a DTensor placed like it (each rank
     takes its own part of a full tensor locally, without communication)."""
     if not _is_dtensor(like):
@@ -306,14 +310,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                          "resume with the model and method the checkpoint was trained with")
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(_import(tensor, params[name], sharded))
+            params[name].copy_(import_tensor(tensor, params[name], sharded))
     opt_state = optimizer_from_files(load_file(str(path / _rank_file("optimizer", rank, sharded))),
                                      json.loads((path / "optimizer.json").read_text()))
     by_index = [p for group in optimizer.param_groups for p in group["params"]]
     for index, per_param in opt_state["state"].items():
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:  # moments, shaped like their parameter
-                per_param[key] = _import(value, by_index[index], sharded)
+                per_param[key] = import_tensor(value, by_index[index], sharded)
     optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     restore_rng(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()), rank)

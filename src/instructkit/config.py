@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -46,13 +46,12 @@ class ModelConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    r: int = Field(8, gt=0, description="rank of the LoRA update")
+    r: int = Field(16, gt=0, description="rank of the LoRA update")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        description="module names to adapt, or all-linear",
-    )
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every linear "
+        "layer but the output head (as QLoRA and LLaMA-Factory's lora_target: all)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (passed to peft)")
 
 
@@ -91,9 +90,9 @@ class DataConfig(_Strict):
         description="a file (.jsonl .json .csv .parquet), glob, directory or hub dataset id, or a list of "
         "them; list items may be {path, weight, format, columns, split} to mix datasets")
     eval_file: Union[Sources, None] = Field(None, description="held-out data for eval loss, same forms")
-    val_size: float = Field(
-        0.0, ge=0.0, description="split off eval data from train: a fraction < 1, or a row count >= 1"
-    )
+    val_size: Union[Literal["auto"], Annotated[float, Field(ge=0.0)]] = Field(
+        "auto", description="split off eval data from train: a fraction < 1, or a row count >= 1; auto: 5% "
+        "(20..1000 rows) when there is no eval_file and at least 200 rows, else none")
     format: Format = Field("auto", description="row format; auto detects it per source and says which")
     columns: Union[dict[str, str], None] = Field(
         None, description="rename columns to the format's names, e.g. {instruction: question, output: answer}")
@@ -123,8 +122,8 @@ class DataConfig(_Strict):
             if not Path(value).is_file():
                 raise ValueError(f"template file not found: {value} (paths are relative to the current directory)")
             return value
-        raise ValueError("not a template: use auto, a builtin (" + ", ".join(TEMPLATE_BUILTINS)
-                         + "), a Jinja file ending in " + " or ".join(TEMPLATE_SUFFIXES) + ", or an inline Jinja string")
+        raise ValueError("not a template: use auto, a builtin (" + ", ".join(TEMPLATE_BUILTINS) + "), a Jinja "
+                         "file ending in " + " or ".join(TEMPLATE_SUFFIXES) + ", or an inline Jinja string")
 
     @property
     def train_specs(self) -> list[DatasetSpec]:
@@ -136,12 +135,18 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    per_device_train_batch_size: int = Field(4, ge=1, description="examples per micro-batch")
+    per_device_train_batch_size: int = Field(8, ge=1, description="examples per micro-batch")
     per_device_eval_batch_size: int = Field(8, ge=1, description="examples per eval batch")
-    gradient_accumulation_steps: int = Field(8, ge=1, description="micro-batches per optimizer step")
-    learning_rate: float = Field(2.0e-4, gt=0, description="peak learning rate")
+    gradient_accumulation_steps: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        "auto", description="micro-batches per optimizer step; auto: a global batch of about 8 below 4,000 "
+        "examples, 16 below 40,000, else 32")
+    learning_rate: Union[Literal["auto"], Annotated[float, Field(gt=0)]] = Field(
+        "auto", description="peak learning rate; auto: 1e-3 for LoRA, 5e-5 for full tuning below 1B parameters, "
+        "else 2e-5")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    num_train_epochs: float = Field(3, gt=0, description="passes over the training data")
+    num_train_epochs: Union[Literal["auto"], Annotated[float, Field(gt=0)]] = Field(
+        "auto", description="passes over the training data; auto: enough to train on about 1,500 examples, "
+        "1 to 3")
     max_steps: int = Field(-1, description="optimizer steps; overrides num_train_epochs when > 0")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of steps spent warming up")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -151,9 +156,14 @@ class TrainConfig(_Strict):
     optim: Literal["adamw_torch", "adamw_torch_fused"] = Field(
         "adamw_torch", description="AdamW; fused kernels are used on CUDA either way, adamw_torch_fused asks for them on CPU too")
     logging_steps: int = Field(10, ge=1, description="optimizer steps between log lines")
-    eval_steps: Union[int, None] = Field(
-        None, ge=1, description="optimizer steps between eval-loss runs; null: at each epoch end"
-    )
+    eval_steps: Union[Literal["auto"], Annotated[int, Field(ge=1)], None] = Field(
+        "auto", description="optimizer steps between eval-loss runs; auto: about 4 per epoch; null: at each "
+        "epoch end")
+    final_weights: Literal["best", "last"] = Field(
+        "best", description="what final/ holds: best (the weights of the lowest eval loss, when there is eval "
+        "data) or last")
+    early_stopping_patience: Union[Annotated[int, Field(ge=1)], None] = Field(
+        3, description="stop after this many evaluations without a lower eval loss; null: never")
     save_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="when to checkpoint")
     save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints (save_strategy: steps)")
     save_total_limit: Union[int, None] = Field(2, ge=1, description="checkpoints kept; null keeps all")
@@ -220,12 +230,13 @@ class RunConfig(_Strict):
             self.output_dir = f"runs/{self.run_name}"
         if self.model.load_in_4bit and self.method != "lora":
             raise ValueError("model.load_in_4bit needs method: lora (4-bit weights cannot be trained directly)")
-        has_eval = bool(self.data.eval_specs) or self.data.val_size > 0
-        if self.data.eval_specs and self.data.val_size > 0:
+        val = self.data.val_size
+        has_eval = bool(self.data.eval_specs) or val == "auto" or val > 0
+        if self.data.eval_specs and val != "auto" and val > 0:
             raise ValueError("set data.eval_file or data.val_size, not both")
         if self.eval.generate and not has_eval:
             raise ValueError("eval.generate needs eval data: set data.eval_file or data.val_size")
-        if self.train.eval_steps is not None and not has_eval:
+        if isinstance(self.train.eval_steps, int) and not has_eval:
             raise ValueError("train.eval_steps is set but there is no eval data: set data.eval_file or data.val_size")
         if self.distributed.strategy == "deepspeed" and self.train.save_strategy != "no":
             raise ValueError("distributed: deepspeed keeps its optimizer state inside DeepSpeed, which instructkit's "
@@ -298,7 +309,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def _key_path(loc: tuple) -> str:
     """`lora.target_modules`, without the union-member tags pydantic adds (`list[str]`, `literal[...]`)."""
     parts = [str(p) for p in loc if not isinstance(p, int)]
-    parts = [p for p in parts if "[" not in p and p not in ("str", "int", "float", "bool", "none")]
+    parts = [p for p in parts if "[" not in p and p not in ("str", "int", "float", "bool", "none")
+             and not p.startswith("constrained-")]
     return ".".join(parts) or "(top level)"
 
 

@@ -22,6 +22,7 @@ from instructkit.data.collate import pad_batch
 from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
 from instructkit.data.pipeline import Datasets, build_datasets
 from instructkit.data.sampler import ResumableSampler
+from instructkit.defaults import AUTO, Choice, resolve
 from instructkit.distributed import (
     check_distributed,
     check_resume_world,
@@ -32,6 +33,7 @@ from instructkit.distributed import (
     shard_fsdp,
 )
 from instructkit.env import device_summary, package_versions
+from instructkit.errors import UserError, user_error
 from instructkit.metrics import Window, matmul_peak_tflops, model_flops
 from instructkit.models import (
     LoadPlan,
@@ -42,7 +44,7 @@ from instructkit.models import (
     load_model,
     plan_loading,
 )
-from instructkit.rundir import RunDirPlan, git_commit, resume_history
+from instructkit.rundir import RunDirPlan, git_commit, previous_config, resume_history
 
 if TYPE_CHECKING:
     import torch
@@ -107,6 +109,25 @@ def setup_data(cfg: RunConfig) -> tuple[str, Any, Datasets]:
     collective, so a long tokenization cannot trip train.ddp_timeout."""
     model_path, tokenizer = load_config_tokenizer(cfg.model)
     return model_path, tokenizer, build_datasets(cfg.data, tokenizer, cfg.seed)
+
+
+def setup_recipe(cfg: RunConfig, data: Datasets, plan_dir: RunDirPlan) -> tuple[RunConfig, list[Choice]]:
+    """The config with every `auto` of the recipe resolved from the data, the model and the processes
+    (defaults.py), before the runtime is built (DeepSpeed takes the accumulation at start)."""
+    n_params = None
+    if cfg.method == "full" and cfg.train.learning_rate == AUTO:
+        from instructkit.estimate import model_shape
+
+        try:
+            n_params = model_shape(cfg).total
+        except (UserError, OSError, ValueError):
+            n_params = None  # auto_learning_rate says which key to set
+    val = Choice("data.val_size", data.stats["val_size"]["value"], data.stats["val_size"]["why"])
+    if not data.eval and (isinstance(cfg.train.eval_steps, int) or cfg.eval.generate):
+        key = "train.eval_steps" if isinstance(cfg.train.eval_steps, int) else "eval.generate"
+        raise user_error(f"{key} needs eval data, and data.val_size: auto held none out ({val.why})", key,
+                         "set data.eval_file, or data.val_size to a fraction or a row count")
+    return resolve(cfg, len(data.train), val, env_world_size(), n_params, previous_config(plan_dir))
 
 
 def setup_model(cfg: RunConfig, model_path: str, plan: LoadPlan) -> torch.nn.Module:
@@ -229,7 +250,7 @@ def resume(plan_dir: RunDirPlan, run: Runtime, model: torch.nn.Module, loop: Loo
 
 
 def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model: torch.nn.Module, model_path: str,
-                data: Datasets, loop: Loop, step: int, started: str) -> dict:
+                data: Datasets, loop: Loop, step: int, started: str, choices: list[Choice]) -> dict:
     """The run's manifest as it starts: what ran, on what, from which data; status and times follow."""
     trainable, total = count_parameters(model)
     return {
@@ -243,6 +264,7 @@ def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model: torch
         "resumed": resume_history(Path(cfg.output_dir), plan_dir, step), "matmul_peak_tflops": loop.peak_tflops,
         "distributed": {"strategy": run.strategy, "world_size": run.accelerator.num_processes,
                         "global_batch": loop.global_batch},
+        "resolved": {c.key: {"value": c.value, "why": c.why} for c in choices},
     }
 
 

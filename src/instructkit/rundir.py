@@ -31,7 +31,7 @@ from instructkit.files import remove, write_text
 MARKER, LOCK = ".instructkit-run", ".instructkit.lock"
 # Everything a run creates in its directory; nothing else is ever removed from it.
 RUN_ENTRIES = (MARKER, "config.yaml", "manifest.json", "metrics.jsonl", "tensorboard", "checkpoints", "final",
-               ".final.tmp", "data_report.json", "eval", "report")
+               ".final.tmp", "best", ".best.tmp", "data_report.json", "eval", "report")
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -51,7 +51,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 # Keys that change how a run is observed or stored, not what it computes: a resumed run may change them.
-RESULT_NEUTRAL = {"run_name", "output_dir", "train.logging_steps", "train.eval_steps", "train.save_strategy",
+RESULT_NEUTRAL = {"run_name", "output_dir", "train.logging_steps", "train.save_strategy",
                   "train.save_steps", "train.save_total_limit", "train.report_to", "train.resume",
                   "train.per_device_eval_batch_size", "train.dataloader_num_workers", "data.num_proc",
                   "data.cache", "data.eval_file", "data.on_bad_row", "data.max_bad_fraction", "eval.generate",
@@ -81,8 +81,10 @@ def _is_run(path: Path) -> bool:
 
 def _same_result(old_config: Path, cfg: RunConfig, allow_change: bool) -> None:
     old = yaml.safe_load(old_config.read_text()) if old_config.is_file() else {}
-    diffs = [d for d in config_differences(old or {}, cfg.model_dump(mode="json"))
-             if d.split(":", 1)[0] not in RESULT_NEUTRAL]
+    new = cfg.model_dump(mode="json")
+    requested = _flatten(new)  # an `auto` resolves on resume to what the run started with (defaults.resolve)
+    diffs = [d for d in config_differences(old or {}, new)
+             if (key := d.split(":", 1)[0]) not in RESULT_NEUTRAL and requested.get(key) != "auto"]
     if diffs and not allow_change:
         raise user_error(f"the run in {old_config.parent} was trained with a config that gives a different "
                          f"result; differences: {'; '.join(diffs[:8])}", "output_dir",
@@ -190,6 +192,14 @@ def lock_run_dir(run_dir: Path, owner: bool = True) -> Iterator[None]:
         if created and [p.name for p in run_dir.iterdir()] in ([LOCK], []):
             remove(run_dir / LOCK)
             run_dir.rmdir()
+
+
+def previous_config(plan: RunDirPlan) -> dict | None:
+    """The config.yaml of the run a resume continues (None for a new run): what its `auto`s resolved to."""
+    if plan.action != "resume" or plan.checkpoint is None:
+        return None
+    path = plan.checkpoint.parent.parent / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:

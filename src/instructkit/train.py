@@ -21,11 +21,14 @@ from instructkit.checkpoint import TrainingProgress, save_checkpoint
 from instructkit.config import RunConfig
 from instructkit.data.pipeline import describe_data
 from instructkit.data.templates import stop_token_ids
+from instructkit.defaults import describe as describe_choices
+from instructkit.defaults import resolve_eval_steps
 from instructkit.distributed import agreed_signal, full_weights, leave_process_group, no_sync, ranks_of
 from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.files import atomic_path, write_json
 from instructkit.loss import SupervisedLoss, count_supervised
 from instructkit.metrics import MetricsLog, TrainingMonitor
+from instructkit.models import check_runtime
 from instructkit.prepare import (
     Loop,
     Runtime,
@@ -37,9 +40,11 @@ from instructkit.prepare import (
     setup_data,
     setup_loop,
     setup_model,
+    setup_recipe,
     setup_runtime,
 )
-from instructkit.rundir import RunDirPlan, claim_run_dir, lock_run_dir, now, plan_run_dir, write_config
+from instructkit.rundir import RunDirPlan, claim_run_dir, lock_run_dir, now, plan_run_dir, previous_config, write_config
+from instructkit.selection import Tracker, restore_best, save_best
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -186,20 +191,25 @@ def train(cfg: RunConfig, overwrite: bool = False, allow_config_change: bool = F
 def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     """The run itself, in the directory this process owns: set-up steps, the loop, final/ and the manifest."""
     started = now()
+    check_runtime(cfg.model)  # refuse what this machine cannot run before tokenizing anything
+    model_path, tokenizer, data = setup_data(cfg)
+    cfg, choices = setup_recipe(cfg, data, plan_dir)  # every `auto` resolved from data, model and processes
     run = setup_runtime(cfg)
     for note in plan_dir.notes:
         run.say(f"note: {note}")
-    model_path, tokenizer, data = setup_data(cfg)
     run.say(describe_data(data, cfg.data.max_length))
     model = setup_model(cfg, model_path, run.plan)
     run.say(describe_model(model, model_path, run.plan))
     objective = SupervisedLoss(model, compile=cfg.train.compile)
     loop = setup_loop(cfg, run, objective, model, tokenizer, data)
+    cfg, more = resolve_eval_steps(cfg, loop.steps_per_epoch, bool(data.eval), previous_config(plan_dir))
+    if choices := choices + more:
+        run.say(describe_choices(choices))
     run.say(describe_loop(cfg, run, loop))
     progress = resume(plan_dir, run, model, loop)  # after all set-up, so nothing shifts the restored RNG
     step = progress.step if progress else 0
     run.accelerator.wait_for_everyone()  # every process has planned from the directory as it was
-    manifest = manifest_of(cfg, run, plan_dir, model, model_path, data, loop, step, started)
+    manifest = manifest_of(cfg, run, plan_dir, model, model_path, data, loop, step, started, choices)
     log = None
     if run.main:
         claim_run_dir(plan_dir)
@@ -210,9 +220,11 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
         log = MetricsLog(plan_dir.path, "tensorboard" in cfg.train.report_to, resume_step=step if step else None)
     monitor = TrainingMonitor(log, loop.total_steps, step, cfg.train.logging_steps, flops_counter(model, cfg.method),
                               loop.peak_tflops, run.accelerator.num_processes, run.accelerator.device)
+    tracker = Tracker.resumed(cfg.train.early_stopping_patience, progress)
     status = "failed"
     try:
-        fit(cfg, run, loop, objective, model, monitor, progress, has_eval=bool(data.eval))
+        step = fit(cfg, run, loop, objective, model, monitor, progress, tracker, has_eval=bool(data.eval))
+        manifest.update(choose_final(cfg, run, model, tracker, step))
         run.accelerator.wait_for_everyone()
         full_state = full_weights(model, loop.loss_fn, run.strategy, run.accelerator)
         if run.main:
@@ -231,30 +243,58 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     return plan_dir.path
 
 
+def keeps_best(cfg: RunConfig, run: Runtime) -> bool:
+    """Whether best weights are tracked on disk: asked for, and not under DeepSpeed, whose partitioned
+    parameters instructkit does not gather between steps."""
+    return cfg.train.final_weights == "best" and run.strategy != "deepspeed"
+
+
+def choose_final(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tracker: Tracker, step: int) -> dict:
+    """Load the best weights into the model when final/ should hold them; what was chosen, for the manifest."""
+    out = {"best": {"step": tracker.best_step, "eval_loss": tracker.best_loss}, "last_step": step,
+           "stopped_early": tracker.should_stop, "final_weights": "last"}
+    if tracker.best_step is None or not keeps_best(cfg, run) or tracker.best_step == step:
+        return out
+    if not restore_best(Path(cfg.output_dir), model, tracker.best_step):
+        run.say(f"note: best/ does not hold step {tracker.best_step}; final/ holds the last weights")
+        return out
+    run.say(f"final/: the weights of step {tracker.best_step}, the lowest eval loss ({tracker.best_loss:.4f}); "
+            f"training ended at step {step}")
+    return {**out, "final_weights": "best"}
+
+
 def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, model: torch.nn.Module,
-        monitor: TrainingMonitor, start: TrainingProgress | None, has_eval: bool) -> None:
+        monitor: TrainingMonitor, start: TrainingProgress | None, tracker: Tracker, has_eval: bool) -> int:
     """The loop: optimizer steps of `gradient_accumulation_steps` micro-batches from the resumable
-    order, logging, eval and checkpoints on their schedules; a signal checkpoints and stops."""
+    order, logging, eval and checkpoints on their schedules; a signal checkpoints and stops, and so does
+    an eval loss that has not improved for `early_stopping_patience` evaluations. Returns the last step."""
     tc, acc = cfg.train, run.accelerator
     step, epoch, start_batch = (start.step, start.epoch_index, start.batch_in_epoch) if start else (0, 0, 0)
     ranks = ranks_of(acc, sharded=run.strategy == "fsdp" and cfg.distributed.fsdp_state_dict == "sharded")
+    keep_best = keeps_best(cfg, run)
 
     def checkpoint(at_step: int, epoch_index: int, batch: int) -> Path | None:
         progress = TrainingProgress(step=at_step, epoch_index=epoch_index, batch_in_epoch=batch,
                                     epoch=epoch_index + batch / loop.micro_per_epoch, total_steps=loop.total_steps,
-                                    seed=cfg.seed, global_batch=loop.global_batch)
+                                    seed=cfg.seed, global_batch=loop.global_batch, **tracker.progress_fields())
         return save_checkpoint(Path(cfg.output_dir), at_step, model, loop.optimizer, loop.scheduler, progress,
                                tc.save_total_limit, ranks)
 
     def evaluate() -> None:
-        monitor.eval_done(step, eval_loss(loop.loss_fn, loop.eval_loader, acc, objective.count))
+        loss = eval_loss(loop.loss_fn, loop.eval_loader, acc, objective.count)
+        monitor.eval_done(step, loss)
+        if tracker.update(step, loss) and keep_best:
+            save_best(Path(cfg.output_dir), model, step, loss, ranks_of(acc, sharded=False))
+        if tracker.should_stop:
+            run.say(f"early stopping at step {step}: eval loss has not improved for {tracker.since_best} "
+                    f"evaluations (best {tracker.best_loss:.4f} at step {tracker.best_step})")
 
     loop.loss_fn.train()
     with StopOnSignal() as stop:
-        while step < loop.total_steps:
+        while step < loop.total_steps and not tracker.should_stop:
             loop.sampler.set_position(epoch, start_batch * tc.per_device_train_batch_size)
             batches, done, start_batch = iter(loop.train_loader), start_batch, 0
-            while done < loop.micro_per_epoch and step < loop.total_steps:
+            while done < loop.micro_per_epoch and step < loop.total_steps and not tracker.should_stop:
                 n = min(tc.gradient_accumulation_steps, loop.micro_per_epoch - done)
                 group = [next(batches) for _ in range(n)]
                 done += n
@@ -273,7 +313,8 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
             if done == loop.micro_per_epoch:
                 if has_eval and not tc.eval_steps:
                     evaluate()
-                if tc.save_strategy == "epoch" and step < loop.total_steps:
+                if tc.save_strategy == "epoch" and step < loop.total_steps and not tracker.should_stop:
                     checkpoint(step, epoch - 1, done)
-    if has_eval and tc.eval_steps and step % tc.eval_steps != 0:
+    if has_eval and tc.eval_steps and step % tc.eval_steps != 0 and not tracker.should_stop:
         evaluate()
+    return step

@@ -89,7 +89,9 @@ def test_accumulated_loss_is_per_token_mean_of_the_step(tiny_config):
 
 
 def test_generate_from_run_prompt_and_file(tiny_config, tmp_path, capsys):
-    config = tiny_config()
+    # q/v only: with every linear layer adapted, 4 steps at 1e-2 teach the tiny model to stop at once,
+    # and this test needs some generated text to compare.
+    config = tiny_config(lora={"target_modules": ["q_proj", "v_proj"]})
     assert main(["train", str(config)]) == 0
     run = run_dir_of(config)
     capsys.readouterr()

@@ -15,10 +15,18 @@ def write(tmp_path: Path, data) -> Path:
     return path
 
 
-def test_defaults_are_the_seed_recipe(tmp_path):
+def test_defaults_are_chosen_for_results_not_copied_from_the_7b_recipe(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
     assert cfg.method == "lora"
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (8, 32, 0.05, ["q_proj", "v_proj"])
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.05, "all-linear")
+    tc = cfg.train
+    assert (tc.gradient_accumulation_steps, tc.learning_rate, tc.num_train_epochs, tc.eval_steps) == ("auto",) * 4
+    assert cfg.data.val_size == "auto" and tc.final_weights == "best" and tc.early_stopping_patience == 3
+    # The article's recipe stays available as a shipped config, with its own values.
+    article = load_config(Path(__file__).parents[2] / "configs/llama2-7b-lora.yaml")
+    assert (article.lora.r, article.lora.target_modules, article.train.gradient_accumulation_steps) == (
+        8, ["q_proj", "v_proj"], 8)
+    assert article.data.template == "alpaca_short" and article.train.final_weights == "last"
     assert cfg.data.template == "auto" and cfg.data.train_on_inputs is False and cfg.data.overlength == "drop"
     assert cfg.output_dir == "runs/run"
 
@@ -71,7 +79,7 @@ def test_cross_field_checks(tmp_path):
     with pytest.raises(UserError, match="load_in_4bit needs method: lora"):
         load_config(write(tmp_path, MINIMAL), ["model.load_in_4bit=true", "method=full"])
     with pytest.raises(UserError, match="eval_steps is set but there is no eval data"):
-        load_config(write(tmp_path, MINIMAL), ["train.eval_steps=10"])
+        load_config(write(tmp_path, MINIMAL), ["train.eval_steps=10", "data.val_size=0"])
     with pytest.raises(UserError, match="not both"):
         load_config(write(tmp_path, MINIMAL), ["data.eval_file=e.jsonl", "data.val_size=0.1"])
 

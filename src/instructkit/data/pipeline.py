@@ -21,13 +21,14 @@ from instructkit.data.sources import BadRow, Resolved, apply_weight, read_resolv
 from instructkit.data.templates import Template, resolve_template
 from instructkit.data.tokenize import Example, fit_length, tokenize_conversations
 from instructkit.data.validate import BadRowReport, convert_records, enforce
+from instructkit.defaults import auto_val_size
 from instructkit.errors import UserError
 from instructkit.files import atomic_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CACHE_FORMAT = 3  # 3: user text spelling a special token is tokenized as plain text
+CACHE_FORMAT = 4  # 3: user text spelling a special token is tokenized as plain text; 4: stats record val_size
 
 
 @dataclass
@@ -180,8 +181,9 @@ def _build(data_cfg: DataConfig, seed: int, train_specs, eval_specs, train_src, 
         eval_conv, eval_report, eval_formats, _ = read_conversations(eval_specs, eval_src, data_cfg, seed)
         formats.update(eval_formats)
         enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
-    elif data_cfg.val_size > 0:
-        train_conv, eval_conv = split_off(train_conv, data_cfg.val_size, seed)
+    val = auto_val_size(data_cfg.val_size, len(train_conv), bool(eval_specs))
+    if not eval_specs and val.value > 0:
+        train_conv, eval_conv = split_off(train_conv, val.value, seed)
 
     train, bad, train_stats = to_examples(train_conv, tokenizer, template, data_cfg)
     train_report.bad += bad
@@ -196,7 +198,7 @@ def _build(data_cfg: DataConfig, seed: int, train_specs, eval_specs, train_src, 
     hashes = {k: v for r in train_src + eval_src for k, v in r.file_hashes.items()}
     stats = {"formats": formats, "format_counts": format_counts, "template": template.name, "data_files": hashes, "train": train_stats, "eval": eval_stats,
              "bad_rows": {"train": train_report.to_json(), "eval": eval_report.to_json()},
-             "cache": "miss" if data_cfg.cache else "off"}
+             "cache": "miss" if data_cfg.cache else "off", "val_size": {"value": val.value, "why": val.why}}
     return Datasets(train, evals, template, stats)
 
 

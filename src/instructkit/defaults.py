@@ -1,0 +1,147 @@
+"""What `auto` in a config resolves to, decided when a run starts from the data, the model and the
+hardware, each with the reason printed at start and written to config.yaml and the manifest.
+
+The rules were chosen on the development suite (bench/quality.py, figures in bench/RESULTS.md): on a
+few hundred rows a small model needs many optimizer steps (accumulation 1) and several passes, with
+a held-out split choosing the best checkpoint; large datasets need neither. A resumed run keeps what
+its start resolved, so resuming never changes the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from instructkit.errors import user_error
+
+if TYPE_CHECKING:
+    from instructkit.config import RunConfig
+
+AUTO = "auto"
+# Held-out split: 5% of the rows, at least 20 and at most 1,000; none below 200 rows, where every row
+# is worth more for training than for choosing a checkpoint.
+MIN_ROWS_FOR_SPLIT = 200
+VAL_FRACTION, VAL_MIN, VAL_MAX = 0.05, 20, 1000
+# A global batch that grows with the data: small sets get many small steps, large ones smoother ones.
+BATCH_BY_ROWS = ((4_000, 8), (40_000, 16), (math.inf, 32))
+# Passes over small data until about this many examples were trained on, at most MAX_EPOCHS.
+EXAMPLES_SEEN, MAX_EPOCHS = 1_500, 3
+# Peak learning rates: LoRA with alpha = 2r on every linear layer; full tuning by model size.
+LORA_LR = 1.0e-3
+FULL_LR_SMALL, FULL_LR, SMALL_MODEL = 5.0e-5, 2.0e-5, 1_000_000_000
+EVALS_PER_EPOCH = 4
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One resolved `auto`: the key, its value, and why."""
+
+    key: str
+    value: Any
+    why: str
+
+
+def auto_val_size(val_size: float | str, n_rows: int, has_eval_file: bool) -> Choice:
+    """Rows held out from training for eval loss (0: none). Explicit sizes pass through."""
+    if val_size != AUTO:
+        return Choice("data.val_size", val_size, "set in the config")
+    if has_eval_file:
+        return Choice("data.val_size", 0, "data.eval_file holds the eval data")
+    if n_rows < MIN_ROWS_FOR_SPLIT:
+        return Choice("data.val_size", 0, f"only {n_rows} rows (< {MIN_ROWS_FOR_SPLIT}): all train, no eval split")
+    n = min(VAL_MAX, max(VAL_MIN, round(VAL_FRACTION * n_rows)))
+    return Choice("data.val_size", n, f"{n} of {n_rows} rows held out ({VAL_FRACTION:.0%}, {VAL_MIN}..{VAL_MAX}) "
+                  "to evaluate on a schedule and keep the best checkpoint")
+
+
+def auto_accumulation(n_train: int, per_device: int, world: int) -> Choice:
+    target = next(batch for rows, batch in BATCH_BY_ROWS if n_train < rows)
+    steps = max(1, round(target / (per_device * world)))
+    return Choice("train.gradient_accumulation_steps", steps,
+                  f"global batch of about {target} for {n_train} examples ({per_device} per device x {world} "
+                  f"process(es) x {steps}): small data needs many optimizer steps")
+
+
+def auto_epochs(n_train: int) -> Choice:
+    epochs = max(1, min(MAX_EPOCHS, math.ceil(EXAMPLES_SEEN / n_train)))
+    return Choice("train.num_train_epochs", epochs,
+                  f"{epochs} pass(es) over {n_train} examples: enough to train on {EXAMPLES_SEEN:,} or more, "
+                  f"at most {MAX_EPOCHS}")
+
+
+def auto_learning_rate(method: str, n_params: int | None) -> Choice:
+    if method == "lora":
+        return Choice("train.learning_rate", LORA_LR, "LoRA with alpha = 2 x r")
+    if n_params is None:
+        raise user_error("train.learning_rate: auto cannot be resolved for full fine-tuning: the model's size is "
+                         "unknown", "train.learning_rate", "set train.learning_rate (e.g. 2e-5)")
+    small = n_params < SMALL_MODEL
+    return Choice("train.learning_rate", FULL_LR_SMALL if small else FULL_LR,
+                  f"full fine-tuning of a {n_params / 1e6:,.0f}M-parameter model ({'<' if small else '>='} 1B)")
+
+
+def auto_eval_steps(steps_per_epoch: int) -> Choice:
+    every = max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
+    return Choice("train.eval_steps", every,
+                  f"about {EVALS_PER_EPOCH} evaluations per epoch of {steps_per_epoch} steps")
+
+
+def _set(cfg: RunConfig, key: str, value: Any) -> RunConfig:
+    section, name = key.split(".")
+    part = getattr(cfg, section).model_copy()
+    setattr(part, name, value)  # validated (and coerced, 3 -> 3.0) like a value from the YAML file
+    return cfg.model_copy(update={section: part})
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def resolve(cfg: RunConfig, n_train: int, val: Choice, world: int, n_params: int | None,
+            previous: dict | None = None) -> tuple[RunConfig, list[Choice]]:
+    """`cfg` with every `auto` of the training recipe (but eval_steps, which needs the loop) resolved;
+    `val` is the held-out split the data pipeline chose (`auto_val_size`).
+
+    `previous` is the config.yaml of the run being resumed: its values win, so a resume trains on with
+    exactly the recipe it started with."""
+    tc = cfg.train
+    rules = {
+        "train.gradient_accumulation_steps": lambda: auto_accumulation(n_train, tc.per_device_train_batch_size, world),
+        "train.num_train_epochs": lambda: auto_epochs(n_train),
+        "train.learning_rate": lambda: auto_learning_rate(cfg.method, n_params),
+    }
+    choices = [val] if cfg.data.val_size == AUTO else []
+    for key, rule in rules.items():
+        if _get(cfg, key) != AUTO:
+            continue
+        old = _get_dict(previous, key)
+        choices.append(Choice(key, old, "as resolved when this run started") if old not in (None, AUTO) else rule())
+    for choice in choices:
+        cfg = _set(cfg, choice.key, choice.value)
+    return cfg, choices
+
+
+def resolve_eval_steps(cfg: RunConfig, steps_per_epoch: int, has_eval: bool,
+                       previous: dict | None = None) -> tuple[RunConfig, list[Choice]]:
+    """`train.eval_steps: auto` once the loop's steps per epoch are known (None without eval data)."""
+    if cfg.train.eval_steps != AUTO:
+        return cfg, []
+    if previous is not None and _get_dict(previous, "train.eval_steps") != AUTO:
+        choice = Choice("train.eval_steps", _get_dict(previous, "train.eval_steps"),
+                        "as resolved when this run started")
+    elif not has_eval:
+        choice = Choice("train.eval_steps", None, "no eval data")
+    else:
+        choice = auto_eval_steps(steps_per_epoch)
+    return _set(cfg, choice.key, choice.value), [choice]
+
+
+def _get_dict(data: dict | None, key: str) -> Any:
+    section, name = key.split(".")
+    return ((data or {}).get(section) or {}).get(name)
+
+
+def describe(choices: list[Choice]) -> str:
+    return "auto: " + "; ".join(f"{c.key}={c.value} ({c.why})" for c in choices)

@@ -1,0 +1,85 @@
+"""Validation that steers: keep the weights of the lowest eval loss, and stop when it stops falling.
+
+The best weights live in RUN/best/ (the trainable parameters as safetensors and best.json), written
+atomically at each new best; the tracker's state travels in every checkpoint's state.json, so a
+resumed run continues choosing exactly as an uninterrupted one would. At the end, `final/` gets the
+best weights (train.final_weights: best) or the last ones (last).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from instructkit.checkpoint import Ranks, import_tensor, trainable_state
+from instructkit.files import atomic_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from instructkit.checkpoint import TrainingProgress
+
+BEST_DIR = "best"
+
+
+@dataclass
+class Tracker:
+    """The lowest eval loss so far, its step, and evaluations since (for early stopping)."""
+
+    patience: int | None
+    best_loss: float | None = None
+    best_step: int | None = None
+    since_best: int = 0
+
+    @classmethod
+    def resumed(cls, patience: int | None, progress: TrainingProgress | None) -> "Tracker":
+        if progress is None:
+            return cls(patience)
+        return cls(patience, progress.best_eval_loss, progress.best_step, progress.evals_since_best)
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record an evaluation; True when it is a new best."""
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step, self.since_best = loss, step, 0
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.since_best >= self.patience
+
+    def progress_fields(self) -> dict:
+        """What a checkpoint's state.json stores of the tracker."""
+        return {"best_eval_loss": self.best_loss, "best_step": self.best_step, "evals_since_best": self.since_best}
+
+
+def save_best(run_dir: Path, model: torch.nn.Module, step: int, loss: float, ranks: Ranks) -> None:
+    """Write RUN/best/ (every rank calls it: gathering FSDP shards is collective; rank 0 writes)."""
+    from safetensors.torch import save_file
+
+    weights = trainable_state(model)
+    if ranks.main:
+        with atomic_path(run_dir / BEST_DIR, tmp_name=".best.tmp") as tmp:
+            tmp.mkdir(parents=True)
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            (tmp / "best.json").write_text(json.dumps({"step": step, "eval_loss": loss}))
+    ranks.barrier()
+
+
+def restore_best(run_dir: Path, model: torch.nn.Module, step: int) -> bool:
+    """Load RUN/best/ into the model's trainable parameters when it holds `step`; False when it does not."""
+    import torch
+    from safetensors.torch import load_file
+
+    meta_path = run_dir / BEST_DIR / "best.json"
+    if not meta_path.is_file() or json.loads(meta_path.read_text()).get("step") != step:
+        return False
+    weights = load_file(str(run_dir / BEST_DIR / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(import_tensor(tensor, params[name], sharded=False))
+    return True

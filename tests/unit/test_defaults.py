@@ -1,0 +1,63 @@
+"""What `auto` resolves to, and that a resume keeps what its start resolved."""
+
+import pytest
+
+from instructkit.config import RunConfig
+from instructkit.defaults import (
+    Choice,
+    auto_accumulation,
+    auto_epochs,
+    auto_eval_steps,
+    auto_learning_rate,
+    auto_val_size,
+    resolve,
+    resolve_eval_steps,
+)
+from instructkit.errors import UserError
+
+
+def config(**train) -> RunConfig:
+    return RunConfig.model_validate({"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"},
+                                     "train": train})
+
+
+def test_val_split_only_when_there_is_enough_data_and_no_eval_file():
+    assert auto_val_size("auto", 150, False).value == 0
+    assert auto_val_size("auto", 500, False).value == 25
+    assert auto_val_size("auto", 300, False).value == 20  # at least 20 rows
+    assert auto_val_size("auto", 1_000_000, False).value == 1000  # at most 1,000
+    assert auto_val_size("auto", 5000, True).value == 0
+    assert auto_val_size(0.1, 50, False).value == 0.1  # explicit sizes pass through
+
+
+def test_small_data_gets_small_batches_and_several_passes():
+    assert auto_accumulation(500, 8, 1).value == 1
+    assert auto_accumulation(500, 2, 1).value == 4
+    assert auto_accumulation(100_000, 8, 1).value == 4  # global batch 32
+    assert auto_accumulation(100_000, 8, 8).value == 1
+    assert [auto_epochs(n).value for n in (100, 500, 1000, 5000)] == [3, 3, 2, 1]
+    assert auto_eval_steps(63).value == 16 and auto_eval_steps(2).value == 1
+
+
+def test_learning_rate_by_method_and_model_size():
+    assert auto_learning_rate("lora", None).value == 1e-3
+    assert auto_learning_rate("full", 135_000_000).value == 5e-5
+    assert auto_learning_rate("full", 7_000_000_000).value == 2e-5
+    with pytest.raises(UserError, match="train.learning_rate"):
+        auto_learning_rate("full", None)
+
+
+def test_resolve_replaces_only_auto_and_says_why():
+    val = Choice("data.val_size", 25, "held out")
+    cfg, choices = resolve(config(learning_rate=3e-4), 479, val, 1, None)
+    assert cfg.train.learning_rate == 3e-4 and cfg.train.gradient_accumulation_steps == 1
+    assert cfg.train.num_train_epochs == 3 and cfg.data.val_size == 25
+    assert {c.key for c in choices} == {"data.val_size", "train.gradient_accumulation_steps", "train.num_train_epochs"}
+    assert all(c.why for c in choices)
+    # A resume keeps what the run started with, even if the rules would now say otherwise.
+    previous = {"train": {"gradient_accumulation_steps": 2, "num_train_epochs": 1, "eval_steps": 7}}
+    cfg, choices = resolve(config(), 479, val, 1, None, previous)
+    assert (cfg.train.gradient_accumulation_steps, cfg.train.num_train_epochs) == (2, 1)
+    assert resolve_eval_steps(cfg, 60, True, previous)[0].train.eval_steps == 7
+    assert resolve_eval_steps(cfg, 60, True)[0].train.eval_steps == 15
+    assert resolve_eval_steps(cfg, 60, False)[0].train.eval_steps is None
