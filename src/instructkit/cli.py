@@ -16,6 +16,7 @@ import traceback
 
 from instructkit.errors import TrainingInterrupted, UserError
 from instructkit.serve_cli import add_serve_parser
+from instructkit.sweep_cli import add_sweep_parser
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_parsers(sub)
     _add_export_parsers(sub)
     add_serve_parser(sub)
+    add_sweep_parser(sub)
     p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--require-gpu", action="store_true", help="exit 1 unless a GPU is usable")
@@ -288,7 +290,7 @@ def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
     _add_allow_pickle(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("report", help="HTML and Markdown report of a run: curves, before/after, samples")
+    p = sub.add_parser("report", help="HTML and Markdown report of a run (curves, before/after, samples) or of a sweep")
     p.add_argument("run")
     p.set_defaults(func=_cmd_report)
 
