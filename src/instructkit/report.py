@@ -1,4 +1,4 @@
-"""`instructkit report RUN`: one page that says whether tuning worked.
+"""`instructkit report RUN`: one page that says whether tuning worked (or, for SWEEP_DIR, which trial won).
 
 A self-contained HTML file (plots embedded as PNG data) and a Markdown twin (plots beside it) with the
 config summary, train and eval loss curves, throughput and MFU over time, the before/after metric
@@ -117,8 +117,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def build_report(run: str | Path) -> tuple[Path, Path]:
-    """Write RUN/report/report.html and report.md (with its PNGs); returns their paths."""
+    """Write RUN/report/report.html and report.md (with its PNGs), or a sweep's report for a sweep
+    directory; returns their paths."""
     run_dir = Path(run)
+    if is_sweep_dir(run_dir):
+        return build_sweep_report(run_dir)
     if not ((run_dir / "config.yaml").is_file() and (run_dir / "manifest.json").is_file()):
         raise user_error(f"{run_dir} is not a run directory (it needs config.yaml and manifest.json)", str(run_dir),
                          "pass the output_dir of a run, e.g. runs/NAME")
@@ -160,6 +163,10 @@ def build_report(run: str | Path) -> tuple[Path, Path]:
         header = ["prompt", "reference", "base", "tuned"]
         md += ["## Sample generations", "", _md_table(header, samples), ""]
         page += ["<h2>Sample generations</h2>", _html_table(header, samples)]
+    return _write_pages(out, title, md, page)
+
+
+def _write_pages(out: Path, title: str, md: list[str], page: list[str]) -> tuple[Path, Path]:
     style = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
              "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
              "text-align:left;vertical-align:top;white-space:pre-wrap}img{max-width:100%}")
@@ -167,3 +174,83 @@ def build_report(run: str | Path) -> tuple[Path, Path]:
                                      f"</title><style>{style}</style></head><body>{''.join(page)}</body></html>\n")
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out / "report.html", out / "report.md"
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """A directory of `instructkit sweep` (its study or leaderboard), not a run."""
+    return not (path / "config.yaml").is_file() and ((path / "leaderboard.json").is_file()
+                                                     or (path / "study.db").is_file())
+
+
+def _trial_dir(sweep_dir: Path, run_dir: str | None) -> Path | None:
+    """A trial's run directory as recorded (relative to where the sweep ran), else by name in the sweep dir."""
+    if not run_dir:
+        return None
+    for candidate in (Path(run_dir), sweep_dir / Path(run_dir).name):
+        if (candidate / "metrics.jsonl").is_file():
+            return candidate
+    return None
+
+
+def _plot_sweep(sweep_dir: Path, rows: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves, seen = [], set()
+    for row in rows:  # a retried trial shares its directory with its retry, which comes first (ranked)
+        run = _trial_dir(sweep_dir, row["run_dir"])
+        if run in seen:
+            continue
+        seen.add(run)
+        points = [(r["step"], r["eval_loss"]) for r in read_metrics(run) if "eval_loss" in r] if run else []
+        if points:
+            curves.append((row, points))
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    styles = {"COMPLETE": "-", "PRUNED": "--"}
+    for row, points in curves:
+        ax.plot(*zip(*points), styles.get(row["state"], ":"), marker=".", label=f"trial {row['trial']}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("eval loss")
+    ax.grid(alpha=0.3)
+    if len(curves) <= 12:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def build_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
+    """SWEEP_DIR/report/report.html and report.md: the sweep's summary, eval-loss curves of its trials
+    (solid complete, dashed pruned, dotted failed) and the leaderboard."""
+    from instructkit.sweep_board import board_table
+
+    if not (sweep_dir / "leaderboard.json").is_file():
+        raise user_error(f"{sweep_dir} holds a study but no leaderboard.json yet", str(sweep_dir),
+                         "run the same `instructkit sweep` command again: it writes the leaderboard as it starts")
+    board = json.loads((sweep_dir / "leaderboard.json").read_text())
+    rows, best = board["trials"], board.get("best")
+    states = ", ".join(f"{sum(r['state'] == s for r in rows)} {s.lower()}"
+                       for s in dict.fromkeys(r["state"] for r in rows))
+    summary = [["study", f"{board.get('study')} ({board.get('storage')})"],
+               ["trials", f"{len(rows)} ({states or 'none yet'}); --trials {board.get('trials_wanted')}"],
+               ["search space", "; ".join(f"{k}: {v}" for k, v in board.get("space", {}).items())],
+               ["best", f"trial {best['trial']}, eval loss {best['eval_loss']:.4f}, run {best['run_dir']}; config "
+                        f"{sweep_dir / 'best.yaml'}" if best else "no trial has completed yet"]]
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    title = f"instructkit sweep: {board.get('study')}"
+    header, cells = board_table(rows)
+    md = [f"# {title}", "", _md_table(["", ""], summary), ""]
+    page = [f"<h1>{html.escape(title)}</h1>", _html_table(["", ""], summary)]
+    if _plot_sweep(sweep_dir, rows, out / "eval_loss.png"):
+        data = base64.b64encode((out / "eval_loss.png").read_bytes()).decode()
+        md += ["## Eval loss of each trial", "", "![Eval loss of each trial](eval_loss.png)", ""]
+        page += ["<h2>Eval loss of each trial</h2>", f'<img alt="eval loss" src="data:image/png;base64,{data}">']
+    md += ["## Leaderboard", "", _md_table(header, cells), ""]
+    page += ["<h2>Leaderboard</h2>", _html_table(header, cells)]
+    return _write_pages(out, title, md, page)
