@@ -161,6 +161,8 @@ def start_trial(study: Any, plan: SweepPlan, slot: int) -> TrialRun | None:
     values = suggest(trial, plan.space)
     overrides = {**values, **derived(values, plan.space, plan.base["method"])}
     retry_dir = trial.user_attrs.get("run_dir")
+    if retry_dir and not Path(retry_dir).parent.is_dir():  # a trial of a worker whose sweep dir is not shared
+        retry_dir = str(plan.sweep_dir / Path(retry_dir).name)
     run_dir = Path(retry_dir) if retry_dir else plan.sweep_dir / f"trial-{trial.number:03d}"
     for key, value in {"run_dir": str(run_dir), "overrides": overrides, "worker": worker_id(),
                        "heartbeat": time.time()}.items():
@@ -245,13 +247,14 @@ def finish(run: TrialRun, study: Any, code: int) -> None:
 
 @contextmanager
 def forwarded_signals() -> Iterator[list[int]]:
-    """SIGINT/SIGTERM to the sweep are recorded, not raised: the loop then starts no new trial and passes
+    """SIGINT/SIGTERM/SIGHUP to the sweep are recorded, not raised: the loop then starts no new trial and passes
     each signal on to the running trials (the first makes them checkpoint and stop, a second stops them
     at once, as with `train`)."""
     received: list[int] = []
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: the trials run in their own sessions, so a closed terminal would not stop them
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous[sig] = signal.signal(sig, lambda signum, _frame: received.append(signum))
     try:
         yield received
@@ -280,7 +283,7 @@ def run_sweep(plan: SweepPlan) -> dict | None:
         say(f"sweep stopped by {signal.Signals(signals[0]).name}; run the same command to continue")
         raise TrainingInterrupted(signals[0], None)
     if shown < len(rows):  # the last table printed was cut short, or no trial ran this time
-        say(board_markdown(rows, f"leaderboard ({len(rows)} trials):"))
+        say(board_markdown(rows, "leaderboard:"))
     return best_row(rows)
 
 
@@ -290,9 +293,9 @@ def run_trials(study: Any, plan: SweepPlan, active: list[TrialRun], signals: lis
     forwarded, shown = 0, 0
     while True:
         for signum in signals[forwarded:]:
-            for run in active:
+            for run in active:  # train checkpoints on SIGINT and SIGTERM; SIGHUP would kill it outright
                 run.interrupted = True
-                run.stop(signum)
+                run.stop(signal.SIGTERM if signum == signal.SIGHUP else signum)
         forwarded = len(signals)
         while not signals and len(active) < plan.jobs and missing(study, plan.trials) > 0:
             started = start_trial(study, plan, min(set(range(plan.jobs + 1)) - {r.slot for r in active}))
@@ -305,6 +308,6 @@ def run_trials(study: Any, plan: SweepPlan, active: list[TrialRun], signals: lis
         for run in [r for r in active if watch(r, study)]:
             active.remove(run)
             rows = refresh_board(study, plan)
-            say(board_markdown(rows, f"leaderboard ({len(rows)} trials):", BOARD_ROWS_SHOWN))
+            say(board_markdown(rows, "leaderboard:", BOARD_ROWS_SHOWN))
             shown = min(len(rows), BOARD_ROWS_SHOWN)
         time.sleep(POLL_S)

@@ -177,18 +177,18 @@ def validate(data: dict, source: str) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc, source)) from exc
+        raise UserError(format_validation_error(exc, source)
+                        + "\nFix: keep the --param ranges and choices to values the config accepts.") from exc
 
 
 def validate_space(base: dict, space: list[Param]) -> None:
-    """Trial configs at the low ends, at the high ends and with each choice must all validate, so a bad
+    """Trial configs at the low ends, with each choice, and at the high ends must all validate, so a bad
     range exits 2 now rather than failing trials later."""
     method = base["method"]
-    probes = [("the low ends of --param", {p.key: p.ends()[0] for p in space}),
-              ("the high ends of --param", {p.key: p.ends()[1] for p in space})]
-    for p in space:
-        for choice in p.choices:
-            probes.append((f"--param {p.key}={choice}", {**probes[0][1], p.key: choice}))
+    lows = {p.key: p.ends()[0] for p in space}
+    probes = [("the low ends of --param", lows)]
+    probes += [(f"--param {p.key}={choice}", {**lows, p.key: choice}) for p in space for choice in p.choices]
+    probes.append(("the high ends of --param", {p.key: p.ends()[1] for p in space}))
     for source, values in probes:
         validate(trial_config(base, {**values, **derived(values, space, method)}, "probe", "probe"), source)
 
