@@ -137,6 +137,7 @@ def _bad(tiny_config, tmp_path, case: str) -> tuple[list[str], str]:
         "no trials": (["--trials", "0"], "--trials 0"),
         "no jobs": (["--jobs", "0"], "--jobs 0"),
         "no eval data": ([], "the config has no eval data"),
+        "bad storage": (["--storage", "nosuchdb://host/db"], "cannot open the study storage nosuchdb://host/db"),
     }
     extra, needle = cases[case]
     config = tiny_config(**({"data": {"val_size": 0}} if case == "no eval data" else with_eval))
@@ -145,7 +146,8 @@ def _bad(tiny_config, tmp_path, case: str) -> tuple[list[str], str]:
 
 
 @pytest.mark.parametrize("case", ["unknown key", "reversed range", "empty range", "log of zero", "malformed",
-                                  "invalid high end", "invalid choice", "no trials", "no jobs", "no eval data"])
+                                  "invalid high end", "invalid choice", "no trials", "no jobs", "no eval data",
+                                  "bad storage"])
 def test_bad_input_exits_2_before_any_trial(tiny_config, tmp_path, capsys, case):
     args, needle = _bad(tiny_config, tmp_path, case)
     assert main(args) == 2

@@ -287,3 +287,46 @@ def test_default_sweep_dir_and_study_name_come_from_run_name(tmp_path, monkeypat
     assert plan.storage == f"sqlite:///{Path('sweeps/exp/study.db').resolve()}"
     monkeypatch.setattr(sweep_study, "visible_gpus", lambda: ["2", "5"])
     assert sweep_study.plan_sweep(str(config), [], 3, []).jobs == 2  # one trial per visible GPU
+
+
+class FakeChild:
+    """A running child process that records the signals it is sent."""
+
+    def __init__(self):
+        self.signals = []
+
+    def poll(self):
+        return None
+
+    def send_signal(self, signum):
+        self.signals.append(signum)
+
+
+def _watched_trial(tmp_path, losses: list[float]):
+    """A new trial beside two completed ones (eval loss 1.0 at steps 1 and 2), watched once after its run
+    logged `losses` at steps 1, 2, ..."""
+    import signal
+
+    from instructkit.sweep import TrialRun, watch
+    from instructkit.sweep_study import make_pruner
+
+    study = optuna.create_study(pruner=make_pruner())
+    for number in range(2):
+        study.add_trial(_frozen(number, TrialState.COMPLETE, 1.0, evals={1: 1.0, 2: 1.0}))
+    run_dir = tmp_path / "trial-002"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "eval_loss": loss}) + "\n"
+                                                   for i, loss in enumerate(losses)))
+    child = FakeChild()
+    run = TrialRun(study.ask(), run_dir, 0, child, None)
+    assert watch(run, study) is False  # still running
+    return run, child.signals, signal.SIGINT
+
+
+def test_a_trial_worse_than_the_median_is_pruned_from_its_second_eval_loss(tmp_path):
+    run, signals, sigint = _watched_trial(tmp_path, [3.0])
+    assert run.evals == {1: 3.0} and not run.pruned and signals == []  # one point says little: never pruned
+    run, signals, sigint = _watched_trial(tmp_path / "b", [3.0, 2.5])
+    assert run.pruned and signals == [sigint]  # the child is asked to checkpoint and stop
+    run, signals, _ = _watched_trial(tmp_path / "c", [1.0, 0.5])
+    assert not run.pruned and signals == []
