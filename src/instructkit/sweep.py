@@ -178,7 +178,7 @@ def start_trial(study: Any, plan: SweepPlan, slot: int) -> TrialRun | None:
     except UserError as exc:
         fail(study, trial, str(exc))
         return None
-    log = open(run_dir / "train.log", "a" if retry_dir else "w", encoding="utf-8")  # noqa: SIM115 - open while the child runs
+    log = open(run_dir / "train.log", "a" if retry_dir else "w", encoding="utf-8")  # noqa: SIM115 - the child writes it
     # A fresh trial replaces whatever an earlier study left under its number; a retry resumes its checkpoint.
     command = [sys.executable, "-m", "instructkit", "train", str(run_dir / "config.yaml"),
                *([] if retry_dir else ["--overwrite"])]
