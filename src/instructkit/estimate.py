@@ -37,6 +37,8 @@ class Shape:
     kv_dim: int
     heads: int
     vocab: int
+    # input features of the LoRA-adapted linears of one decoder layer: each keeps its (dropped-out) input
+    lora_inputs: int = 0
 
 
 def model_shape(cfg: RunConfig) -> Shape:
@@ -62,10 +64,12 @@ def model_shape(cfg: RunConfig) -> Shape:
         units = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in layer_types]
         lora = apply_lora(model, cfg.lora)
         adapter = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        adapted = [m for n, m in lora.named_modules() if hasattr(m, "lora_A") and ".layers.0." in f".{n}."]
+        lora_inputs = sum(m.in_features for m in adapted)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return Shape(total=total, not_quantized=total - linear, largest_unit=max(units, default=total), lora=adapter,
+    return Shape(total=total, not_quantized=total - linear, largest_unit=max(units, default=total), lora=adapter, lora_inputs=lora_inputs,
                  layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
                  kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim, heads=heads, vocab=text.vocab_size)
 
@@ -73,9 +77,11 @@ def model_shape(cfg: RunConfig) -> Shape:
 def activation_elements(shape: Shape, method: str) -> int:
     """Elements autograd keeps per token per decoder layer. Measured with saved-tensor hooks on
     SmolLM2 (sdpa): full fine-tuning 11,197 vs 8h + 2kv + 4I = 11,136; LoRA on q/v 9,600 vs
-    6h + 4I = 9,600 (frozen linears keep no inputs)."""
+    4h + 4I + 2h (the two adapted inputs) = 9,600: frozen linears keep no inputs, adapted ones keep theirs."""
     h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate
-    return 8 * h + 2 * kv + 4 * inter if method == "full" else 6 * h + 4 * inter
+    if method == "full":
+        return 8 * h + 2 * kv + 4 * inter
+    return 4 * h + 4 * inter + (shape.lora_inputs or 2 * h)
 
 
 def breakdown(shape: Shape, method: str, strategy: str, world: int, compute_bytes: int, batch: int, length: int,
