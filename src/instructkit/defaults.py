@@ -51,16 +51,16 @@ def auto_val_size(val_size: float | str, n_rows: int, has_eval_file: bool) -> Ch
     if n_rows < MIN_ROWS_FOR_SPLIT:
         return Choice("data.val_size", 0, f"only {n_rows} rows (< {MIN_ROWS_FOR_SPLIT}): all train, no eval split")
     n = min(VAL_MAX, max(VAL_MIN, round(VAL_FRACTION * n_rows)))
-    return Choice("data.val_size", n, f"{n} of {n_rows} rows held out ({VAL_FRACTION:.0%}, {VAL_MIN}..{VAL_MAX}) "
-                  "to evaluate on a schedule and keep the best checkpoint")
+    return Choice("data.val_size", n, f"{n} of {n_rows} rows held out ({VAL_FRACTION:.0%}, {VAL_MIN} to {VAL_MAX}) "
+                  "to evaluate on a schedule and keep the best weights")
 
 
 def auto_accumulation(n_train: int, per_device: int, world: int) -> Choice:
     target = next(batch for rows, batch in BATCH_BY_ROWS if n_train < rows)
     steps = max(1, round(target / (per_device * world)))
     return Choice("train.gradient_accumulation_steps", steps,
-                  f"global batch of about {target} for {n_train} examples ({per_device} per device x {world} "
-                  f"process(es) x {steps}): small data needs many optimizer steps")
+                  f"a global batch of about {target} for {n_train} examples ({per_device} per device x {world} "
+                  f"process(es) x {steps}); small data needs many optimizer steps")
 
 
 def auto_epochs(n_train: int) -> Choice:
@@ -144,4 +144,6 @@ def _get_dict(data: dict | None, key: str) -> Any:
 
 
 def describe(choices: list[Choice]) -> str:
-    return "auto: " + "; ".join(f"{c.key}={c.value} ({c.why})" for c in choices)
+    """One line per resolved key: what it became and why (set the key in the config to choose yourself)."""
+    return "\n".join(["auto (resolved at start; set a key to choose it yourself):"]
+                     + [f"  {c.key} = {c.value}: {c.why}" for c in choices])

@@ -119,7 +119,8 @@ def test_auto_resolves_from_the_data_and_is_written_down(tiny_config, tmp_path, 
     assert resolved["train.eval_steps"]["value"] >= 1
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["learning_rate"] == 1e-3 and saved["data"]["val_size"] == 20
-    assert "auto: data.val_size=20" in out and "train.learning_rate=0.001" in out
+    assert "auto (resolved at start" in out and "  data.val_size = 20: 20 of 240 rows held out" in out
+    assert "  train.learning_rate = 0.001: LoRA" in out
     # The same command again finds the completed run: the saved numbers and the requested autos agree.
     assert main(["train", str(config)]) == 2
     assert "already holds this run, completed" in capsys.readouterr().err
