@@ -50,8 +50,8 @@ class TrainingProgress(BaseModel):
     global_batch: int = Field(ge=1)
     world_size: int = Field(1, ge=1, le=65536)  # a bound: verifying lists one file per rank
     sharded: bool = False
-    # The best-checkpoint tracker (selection.Tracker): lowest eval loss, its step, evaluations since.
-    best_eval_loss: float | None = None
+    # The best-checkpoint tracker (selection.Tracker): best value of its metric, its step, evaluations since.
+    best_value: float | None = None
     best_step: int | None = Field(None, ge=0)
     evals_since_best: int = Field(0, ge=0)
 

@@ -56,7 +56,8 @@ def _cmd_validate(args) -> int:
     from instructkit.config import load_config
     from instructkit.data.pipeline import check_rows
     from instructkit.distributed import check_distributed
-    from instructkit.models import check_runtime, locate_model
+    from instructkit.data.templates import resolve_template
+    from instructkit.models import check_runtime, load_config_tokenizer, locate_model
     from instructkit.rundir import plan_run_dir
 
     cfg = load_config(args.config, args.overrides)
@@ -64,9 +65,11 @@ def _cmd_validate(args) -> int:
     check_distributed(cfg, torch.cuda.is_available())
     where = locate_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     summary = check_rows(cfg.data, cfg.seed)
+    # The template is checked with the model's tokenizer, so a broken user template fails here too.
+    template = resolve_template(cfg.data.template, load_config_tokenizer(cfg.model)[1])
     print(f"config OK: {args.config}")
     print(f"  model: {where}; method {cfg.method}")
-    print(f"  data: {summary}")
+    print(f"  data: {summary}; template {template.name}")
     try:
         plan = plan_run_dir(cfg, overwrite=False)
         what = {"new": "a new run", "restart": "starts over (no complete checkpoint)",

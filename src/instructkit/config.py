@@ -48,7 +48,8 @@ class ModelConfig(_Strict):
 class LoraConfig(_Strict):
     r: int = Field(16, gt=0, description="rank of the LoRA update")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input (above 0, peft copies and "
+                           "masks every adapted layer's input: 0.05 trains SmolLM2 1.5x slower on a CPU)")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every linear "
         "layer but the output head (as QLoRA and LLaMA-Factory's lora_target: all)")
@@ -160,10 +161,15 @@ class TrainConfig(_Strict):
         "auto", description="optimizer steps between eval-loss runs; auto: about 4 per epoch; null: at each "
         "epoch end")
     final_weights: Literal["best", "last"] = Field(
-        "best", description="what final/ holds: best (the weights of the lowest eval loss, when there is eval "
-        "data) or last")
+        "best", description="what final/ holds: best (the weights of the best evaluation by train.best_metric, "
+        "when there is eval data) or last")
+    best_metric: Literal["auto", "eval_loss", "eval_exact_match", "eval_accuracy"] = Field(
+        "auto", description="what chooses the best weights and early stopping: eval_loss (lowest), "
+        "eval_exact_match (teacher-forced: examples whose every answer token is predicted), eval_accuracy "
+        "(answer tokens predicted); auto: eval_exact_match when eval answers are short (median <= 32 tokens), "
+        "else eval_loss")
     early_stopping_patience: Union[Annotated[int, Field(ge=1)], None] = Field(
-        3, description="stop after this many evaluations without a lower eval loss; null: never")
+        3, description="stop after this many evaluations without a better train.best_metric; null: never")
     save_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="when to checkpoint")
     save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints (save_strategy: steps)")
     save_total_limit: Union[int, None] = Field(2, ge=1, description="checkpoints kept; null keeps all")

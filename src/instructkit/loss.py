@@ -62,6 +62,35 @@ class SupervisedLoss(torch.nn.Module):
                 total = total + _head_ce(head, h, y)
         return total
 
+    @torch.no_grad()
+    def eval_sums(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[summed loss, supervised tokens, tokens whose argmax is the label, examples, examples whose every
+        supervised token is the argmax]. Teacher-forced, so the last counts the examples greedy decoding
+        reproduces exactly (before eval's normalisation of case and punctuation). One example per row:
+        eval batches are never packed."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        wanted = targets[keep]
+        if self.fast:
+            lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            hidden = self._run(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+            head = lm.get_output_embeddings()
+        else:
+            hidden, head = self._run(**inputs, use_cache=False).logits[:, :-1][keep], torch.nn.Identity()
+        loss, right = hidden.new_zeros((), dtype=torch.float32), []
+        for start in range(0, hidden.shape[0], self.chunk_tokens):  # never all tokens x vocabulary at once
+            logits, y = head(hidden[start:start + self.chunk_tokens]).float(), wanted[start:start + self.chunk_tokens]
+            loss = loss + F.cross_entropy(logits, y, reduction="sum")
+            right.append(logits.argmax(-1) == y)
+        hit = torch.cat(right) if right else wanted.new_zeros(0, dtype=torch.bool)
+        misses = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, keep.nonzero()[:, 0], (~hit).float())
+        examples = keep.any(1)
+        return torch.stack([loss, keep.sum().float(), hit.sum().float(), examples.sum().float(),
+                            ((misses == 0) & examples).sum().float()])
+
     @staticmethod
     def count(batch: dict) -> int:
         """The units the summed loss runs over (supervised next-token targets); the loop divides by them."""

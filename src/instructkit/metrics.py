@@ -172,11 +172,13 @@ class TrainingMonitor:
                 "mfu": flops and round(flops / elapsed / 1e12 / (self.peak * self.world), 4),
                 **device_stats(self.device)}
 
-    def eval_done(self, step: int, loss: float) -> None:
+    def eval_done(self, step: int, metrics: dict[str, float]) -> None:
+        """Log an evaluation: eval_loss, its perplexity, and the accuracies where the objective gives them."""
         if self.log is not None:
-            ppl = math.exp(min(loss, 50))
-            self.log.log({"step": step, "eval_loss": round(loss, 6), "eval_ppl": round(ppl, 4)})
-            self.bar.write(f"step {step} eval_loss {loss:.4f} eval_ppl {ppl:.3f}")
+            record = {"eval_loss": metrics["eval_loss"], "eval_ppl": math.exp(min(metrics["eval_loss"], 50)),
+                      **{k: v for k, v in metrics.items() if k != "eval_loss"}}
+            self.log.log({"step": step, **{k: round(v, 6) for k, v in record.items()}})
+            self.bar.write(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in record.items()))
 
     def close(self) -> None:
         self.bar.close()

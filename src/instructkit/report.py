@@ -89,6 +89,38 @@ def _summary(run_dir: Path) -> list[tuple[str, str]]:
     return rows
 
 
+RECIPE_KEYS = ("lora.r", "lora.alpha", "lora.target_modules", "train.per_device_train_batch_size",
+               "train.gradient_accumulation_steps", "train.learning_rate", "train.num_train_epochs", "train.max_steps",
+               "train.warmup_ratio", "train.lr_scheduler_type", "data.val_size", "train.eval_steps",
+               "train.final_weights", "train.best_metric", "train.early_stopping_patience")
+
+
+def _hyperparameters(run_dir: Path) -> list[list[str]]:
+    """[key, value, how it was chosen] for the recipe: `auto` with its reason, or set in the config;
+    then which weights final/ holds."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    resolved = manifest.get("resolved", {})
+    rows = []
+    for key in RECIPE_KEYS:
+        if key.startswith("lora.") and cfg["method"] != "lora":
+            continue
+        section, name = key.split(".")
+        value = cfg.get(section, {}).get(name)
+        how = f"auto: {resolved[key]['why']}" if key in resolved else "config (or its default)"
+        if isinstance(value, float) and value.is_integer() and key != "train.learning_rate":
+            value = int(value)  # 20 rows, 3 epochs: counts read as counts
+        rows.append([key, json.dumps(value) if isinstance(value, list) else str(value), how])
+    best = manifest.get("best") or {}
+    if best.get("step") is not None:
+        metric, value = next((k, v) for k, v in best.items() if k != "step")
+        held = (f"the best weights, step {best['step']} ({metric} {value:.4f})"
+                if manifest.get("final_weights") == "best" else f"the last weights, step {manifest.get('last_step')}")
+        early = f"; stopped early at step {manifest.get('last_step')}" if manifest.get("stopped_early") else ""
+        rows.append(["final/", held + early, f"train.final_weights: {cfg['train'].get('final_weights')}"])
+    return rows
+
+
 def _metric_rows(results: dict) -> list[list[str]]:
     tuned, base = results["tuned"], results.get("base")
     rows = []
@@ -145,6 +177,9 @@ def build_report(run: str | Path) -> tuple[Path, Path]:
 
     md = [f"# {title}", "", _md_table(["", ""], summary), ""]
     page = [f"<h1>{html.escape(title)}</h1>", _html_table(["", ""], summary)]
+    hyper, header = _hyperparameters(run_dir), ["key", "value", "chosen by"]
+    md += ["## Hyperparameters", "", _md_table(header, hyper), ""]
+    page += ["<h2>Hyperparameters</h2>", _html_table(header, hyper)]
     for name, heading in plots:
         data = base64.b64encode((out / name).read_bytes()).decode()
         md += [f"## {heading}", "", f"![{heading}]({name})", ""]

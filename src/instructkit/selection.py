@@ -1,4 +1,4 @@
-"""Validation that steers: keep the weights of the lowest eval loss, and stop when it stops falling.
+"""Validation that steers: keep the weights of the best evaluation, and stop when it stops improving.
 
 The best weights live in RUN/best/ (the trainable parameters as safetensors and best.json), written
 atomically at each new best; the tracker's state travels in every checkpoint's state.json, so a
@@ -26,23 +26,30 @@ BEST_DIR = "best"
 
 @dataclass
 class Tracker:
-    """The lowest eval loss so far, its step, and evaluations since (for early stopping)."""
+    """The best value of the selection metric so far, its step, and evaluations since (for early stopping).
+    eval_loss is minimised; accuracies (eval_exact_match, eval_accuracy) are maximised."""
 
+    metric: str
     patience: int | None
-    best_loss: float | None = None
+    best_value: float | None = None
     best_step: int | None = None
     since_best: int = 0
 
     @classmethod
-    def resumed(cls, patience: int | None, progress: TrainingProgress | None) -> "Tracker":
+    def resumed(cls, metric: str, patience: int | None, progress: TrainingProgress | None) -> Tracker:
         if progress is None:
-            return cls(patience)
-        return cls(patience, progress.best_eval_loss, progress.best_step, progress.evals_since_best)
+            return cls(metric, patience)
+        return cls(metric, patience, progress.best_value, progress.best_step, progress.evals_since_best)
 
-    def update(self, step: int, loss: float) -> bool:
-        """Record an evaluation; True when it is a new best."""
-        if self.best_loss is None or loss < self.best_loss:
-            self.best_loss, self.best_step, self.since_best = loss, step, 0
+    def better(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value < self.best_value if self.metric == "eval_loss" else value > self.best_value
+
+    def update(self, step: int, value: float) -> bool:
+        """Record an evaluation; True when it is a new best (ties keep the earlier step)."""
+        if self.better(value):
+            self.best_value, self.best_step, self.since_best = value, step, 0
             return True
         self.since_best += 1
         return False
@@ -53,10 +60,10 @@ class Tracker:
 
     def progress_fields(self) -> dict:
         """What a checkpoint's state.json stores of the tracker."""
-        return {"best_eval_loss": self.best_loss, "best_step": self.best_step, "evals_since_best": self.since_best}
+        return {"best_value": self.best_value, "best_step": self.best_step, "evals_since_best": self.since_best}
 
 
-def save_best(run_dir: Path, model: torch.nn.Module, step: int, loss: float, ranks: Ranks) -> None:
+def save_best(run_dir: Path, model: torch.nn.Module, step: int, metric: str, value: float, ranks: Ranks) -> None:
     """Write RUN/best/ (every rank calls it: gathering FSDP shards is collective; rank 0 writes)."""
     from safetensors.torch import save_file
 
@@ -65,7 +72,7 @@ def save_best(run_dir: Path, model: torch.nn.Module, step: int, loss: float, ran
         with atomic_path(run_dir / BEST_DIR, tmp_name=".best.tmp") as tmp:
             tmp.mkdir(parents=True)
             save_file(weights, str(tmp / "trainable.safetensors"))
-            (tmp / "best.json").write_text(json.dumps({"step": step, "eval_loss": loss}))
+            (tmp / "best.json").write_text(json.dumps({"step": step, metric: value}))
     ranks.barrier()
 
 

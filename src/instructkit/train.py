@@ -22,7 +22,7 @@ from instructkit.config import RunConfig
 from instructkit.data.pipeline import describe_data
 from instructkit.data.templates import stop_token_ids
 from instructkit.defaults import describe as describe_choices
-from instructkit.defaults import resolve_eval_steps
+from instructkit.defaults import resolve_eval
 from instructkit.distributed import agreed_signal, full_weights, leave_process_group, no_sync, ranks_of
 from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.files import atomic_path, write_json
@@ -91,20 +91,30 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def eval_loss(loss_fn: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator,
-              count: Callable[[dict], int] = count_supervised) -> float:
-    """Mean loss per unit of the objective (supervised token) over the whole eval set, summed over processes."""
+def eval_metrics(objective: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator) -> dict[str, float]:
+    """Over the whole eval set, summed over processes: eval_loss (per supervised token), and where the
+    objective can say (SupervisedLoss.eval_sums) eval_accuracy (tokens) and eval_exact_match (examples
+    teacher-forced decoding gets entirely right)."""
     import torch
 
-    loss_fn.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    sums = getattr(objective, "eval_sums", None)
+    total = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
+    objective.eval()
     with torch.no_grad():
         for batch in loader:
-            total[0] += loss_sum(loss_fn, to_device(batch, accelerator.device)).double()
-            total[1] += count(batch)
-    loss_fn.train()
+            on_device = to_device(batch, accelerator.device)
+            if sums is not None:
+                total += sums(**on_device).double()
+            else:
+                total[0] += loss_sum(objective, on_device).double()
+                total[1] += objective.count(batch)
+    objective.train()
     total = accelerator.reduce(total, "sum")
-    return float(total[0] / total[1].clamp(min=1))
+    out = {"eval_loss": float(total[0] / total[1].clamp(min=1))}
+    if sums is not None:
+        out |= {"eval_accuracy": float(total[2] / total[1].clamp(min=1)),
+                "eval_exact_match": float(total[4] / total[3].clamp(min=1))}
+    return out
 
 
 def optimizer_step(accelerator: Accelerator, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -202,7 +212,7 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     run.say(describe_model(model, model_path, run.plan))
     objective = SupervisedLoss(model, compile=cfg.train.compile)
     loop = setup_loop(cfg, run, objective, model, tokenizer, data)
-    cfg, more = resolve_eval_steps(cfg, loop.steps_per_epoch, bool(data.eval), previous_config(plan_dir))
+    cfg, more = resolve_eval(cfg, loop.steps_per_epoch, [e.n_supervised for e in data.eval], previous_config(plan_dir))
     if choices := choices + more:
         run.say(describe_choices(choices))
     run.say(describe_loop(cfg, run, loop))
@@ -220,7 +230,7 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
         log = MetricsLog(plan_dir.path, "tensorboard" in cfg.train.report_to, resume_step=step if step else None)
     monitor = TrainingMonitor(log, loop.total_steps, step, cfg.train.logging_steps, flops_counter(model, cfg.method),
                               loop.peak_tflops, run.accelerator.num_processes, run.accelerator.device)
-    tracker = Tracker.resumed(cfg.train.early_stopping_patience, progress)
+    tracker = Tracker.resumed(cfg.train.best_metric, cfg.train.early_stopping_patience, progress)
     status = "failed"
     try:
         step = fit(cfg, run, loop, objective, model, monitor, progress, tracker, has_eval=bool(data.eval))
@@ -251,14 +261,14 @@ def keeps_best(cfg: RunConfig, run: Runtime) -> bool:
 
 def choose_final(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tracker: Tracker, step: int) -> dict:
     """Load the best weights into the model when final/ should hold them; what was chosen, for the manifest."""
-    out = {"best": {"step": tracker.best_step, "eval_loss": tracker.best_loss}, "last_step": step,
+    out = {"best": {"step": tracker.best_step, tracker.metric: tracker.best_value}, "last_step": step,
            "stopped_early": tracker.should_stop, "final_weights": "last"}
     if tracker.best_step is None or not keeps_best(cfg, run) or tracker.best_step == step:
         return out
     if not restore_best(Path(cfg.output_dir), model, tracker.best_step):
         run.say(f"note: best/ does not hold step {tracker.best_step}; final/ holds the last weights")
         return out
-    run.say(f"final/: the weights of step {tracker.best_step}, the lowest eval loss ({tracker.best_loss:.4f}); "
+    run.say(f"final/: the weights of step {tracker.best_step}, the best {tracker.metric} ({tracker.best_value:.4f}); "
             f"training ended at step {step}")
     return {**out, "final_weights": "best"}
 
@@ -281,13 +291,14 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
                                tc.save_total_limit, ranks)
 
     def evaluate() -> None:
-        loss = eval_loss(loop.loss_fn, loop.eval_loader, acc, objective.count)
-        monitor.eval_done(step, loss)
-        if tracker.update(step, loss) and keep_best:
-            save_best(Path(cfg.output_dir), model, step, loss, ranks_of(acc, sharded=False))
+        metrics = eval_metrics(objective, loop.eval_loader, acc)
+        monitor.eval_done(step, metrics)
+        if tracker.update(step, metrics[tracker.metric]) and keep_best:
+            save_best(Path(cfg.output_dir), model, step, tracker.metric, metrics[tracker.metric],
+                      ranks_of(acc, sharded=False))
         if tracker.should_stop:
-            run.say(f"early stopping at step {step}: eval loss has not improved for {tracker.since_best} "
-                    f"evaluations (best {tracker.best_loss:.4f} at step {tracker.best_step})")
+            run.say(f"early stopping at step {step}: {tracker.metric} has not improved for {tracker.since_best} "
+                    f"evaluations (best {tracker.best_value:.4f} at step {tracker.best_step})")
 
     loop.loss_fn.train()
     with StopOnSignal() as stop:

@@ -88,6 +88,7 @@ def test_a_broken_template_file_stops_data_inspect_naming_the_file(tiny_config, 
     """Checked when the template is resolved, before any row is tokenized: exit 2, the file and the turn."""
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")  # no end-of-turn token
-    assert main(["data", "inspect", str(tiny_config()), f"data.template={bad}"]) == 2
-    err = capsys.readouterr().err
-    assert f"{bad}: turn 3 (assistant)" in err and "could not learn to stop" in err and "Traceback" not in err
+    for command in (["data", "inspect"], ["validate"]):
+        assert main([*command, str(tiny_config()), f"data.template={bad}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}: turn 3 (assistant)" in err and "could not learn to stop" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import instructkit.train as train_module
 from instructkit.cli import main
+from instructkit.metrics import read_metrics
 from tests.conftest import write_jsonl
 
 # Eval losses by evaluation: the best is the third (step 3), then three worse ones stop the run at step 6.
@@ -20,11 +21,11 @@ def scripted_eval(monkeypatch, start: int = 0) -> list[int]:
     """Replace the eval loss with SCRIPT (from evaluation `start`); returns the list of calls made."""
     calls: list[int] = []
 
-    def fake(*_args, **_kwargs) -> float:
+    def fake(*_args, **_kwargs) -> dict:
         calls.append(start + len(calls))
-        return SCRIPT[calls[-1]]
+        return {"eval_loss": SCRIPT[calls[-1]], "eval_accuracy": 0.5, "eval_exact_match": 0.25}
 
-    monkeypatch.setattr(train_module, "eval_loss", fake)
+    monkeypatch.setattr(train_module, "eval_metrics", fake)
     return calls
 
 
@@ -32,7 +33,8 @@ def steering_config(tiny_config, run, **train):
     return tiny_config(output_dir=str(run), lora={"dropout": 0.1},
                        data={"eval_file": yaml.safe_load(tiny_config().read_text())["data"]["train_file"]},
                        train={"per_device_train_batch_size": 2, "max_steps": 10, "eval_steps": 1, "save_strategy": "steps",
-                              "save_steps": 1, "save_total_limit": None, "logging_steps": 1, **train})
+                              "save_steps": 1, "save_total_limit": None, "logging_steps": 1, "best_metric": "eval_loss",
+                              **train})
 
 
 def manifest(run) -> dict:
@@ -59,6 +61,9 @@ def test_final_holds_the_best_weights_and_training_stops_early(tiny_config, tmp_
     assert json.loads((run / "best/best.json").read_text())["step"] == 3
     final, best = adapter_of_final(run), best_weights(run)
     assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
+    assert main(["report", str(run)]) == 0
+    report = (run / "report/report.md").read_text()
+    assert "| final/ | the best weights, step 3 (eval_loss 3.0000); stopped early at step 6 |" in report
 
 
 def test_final_weights_last_keeps_the_last_step(tiny_config, tmp_path, monkeypatch):
@@ -117,10 +122,17 @@ def test_auto_resolves_from_the_data_and_is_written_down(tiny_config, tmp_path, 
     assert resolved["train.gradient_accumulation_steps"]["value"] == 2  # batch 4 -> global batch 8
     assert resolved["train.num_train_epochs"]["value"] == 3
     assert resolved["train.eval_steps"]["value"] >= 1
+    assert resolved["train.best_metric"]["value"] == "eval_exact_match"  # one-number answers
+    evals = [m for m in read_metrics(run) if "eval_loss" in m]
+    assert evals and all(0 <= m["eval_exact_match"] <= m["eval_accuracy"] + 1e-9 <= 1 + 1e-9 for m in evals)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["learning_rate"] == 1e-3 and saved["data"]["val_size"] == 20
     assert "auto (resolved at start" in out and "  data.val_size = 20: 20 of 240 rows held out" in out
     assert "  train.learning_rate = 0.001: LoRA" in out
+    assert main(["report", str(run)]) == 0
+    report = (run / "report/report.md").read_text()
+    assert "## Hyperparameters" in report and "| data.val_size | 20 | auto: 20 of 240 rows held out" in report
+    assert "| train.max_steps | 3 | config (or its default) |" in report
     # The same command again finds the completed run: the saved numbers and the requested autos agree.
     assert main(["train", str(config)]) == 2
     assert "already holds this run, completed" in capsys.readouterr().err

@@ -18,7 +18,7 @@ def write(tmp_path: Path, data) -> Path:
 def test_defaults_are_chosen_for_results_not_copied_from_the_7b_recipe(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
     assert cfg.method == "lora"
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.05, "all-linear")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.0, "all-linear")
     tc = cfg.train
     assert (tc.gradient_accumulation_steps, tc.learning_rate, tc.num_train_epochs, tc.eval_steps) == ("auto",) * 4
     assert cfg.data.val_size == "auto" and tc.final_weights == "best" and tc.early_stopping_patience == 3

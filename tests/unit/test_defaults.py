@@ -10,8 +10,9 @@ from instructkit.defaults import (
     auto_eval_steps,
     auto_learning_rate,
     auto_val_size,
+    auto_best_metric,
     resolve,
-    resolve_eval_steps,
+    resolve_eval,
 )
 from instructkit.errors import UserError
 
@@ -58,6 +59,13 @@ def test_resolve_replaces_only_auto_and_says_why():
     previous = {"train": {"gradient_accumulation_steps": 2, "num_train_epochs": 1, "eval_steps": 7}}
     cfg, choices = resolve(config(), 479, val, 1, None, previous)
     assert (cfg.train.gradient_accumulation_steps, cfg.train.num_train_epochs) == (2, 1)
-    assert resolve_eval_steps(cfg, 60, True, previous)[0].train.eval_steps == 7
-    assert resolve_eval_steps(cfg, 60, True)[0].train.eval_steps == 15
-    assert resolve_eval_steps(cfg, 60, False)[0].train.eval_steps is None
+    assert resolve_eval(cfg, 60, [3, 4], previous)[0].train.eval_steps == 7
+    resolved, choices = resolve_eval(cfg, 60, [3, 4])
+    assert (resolved.train.eval_steps, resolved.train.best_metric) == (15, "eval_exact_match")
+    assert resolve_eval(cfg, 60, [])[0].train.eval_steps is None
+
+
+def test_short_answers_are_chosen_by_exact_match_long_ones_by_loss():
+    assert auto_best_metric([1, 2, 3, 40]).value == "eval_exact_match"
+    assert auto_best_metric([100, 200, 300]).value == "eval_loss"
+    assert auto_best_metric([]).value == "eval_loss"

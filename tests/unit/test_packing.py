@@ -126,3 +126,22 @@ def test_length_grouped_order_is_seeded_complete_and_less_padded():
         assert padding(order) < 0.2 * padding(plain.order())
     grouped.set_position(1, 16)
     assert list(grouped) == grouped.order()[16:]  # resumes mid-epoch on the same batches
+
+
+@pytest.mark.parametrize("chunk", [1, 1024])
+def test_eval_sums_count_what_greedy_decoding_would_get_right(tiny_model_dir, chunk):
+    examples = _examples()
+    batch = pad_batch(examples, pad_id=0)
+    for fast in (True, False):
+        model = _model(tiny_model_dir).eval()
+        loss = SupervisedLoss(model, chunk_tokens=chunk, fast=fast)
+        sums = loss.eval_sums(**batch)
+        with torch.no_grad():
+            assert sums[0].item() == pytest.approx(loss(**batch).item(), rel=1e-5)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        right = (logits.argmax(-1) == targets) & keep
+        assert sums[1].item() == keep.sum().item() and sums[2].item() == right.sum().item()
+        every = [bool(right[i][keep[i]].all()) for i in range(len(examples)) if keep[i].any()]
+        assert sums[3].item() == len(every) and sums[4].item() == sum(every)
