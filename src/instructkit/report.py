@@ -188,7 +188,8 @@ def build_report(run: str | Path) -> tuple[Path, Path]:
     page.append("<h2>Before and after</h2>")
     if results:
         header = ["metric", "base", "tuned", "difference"]
-        md += ["", f"{results['tuned']['n']} rows of {results.get('data', '')}", "", _md_table(header, _metric_rows(results)), ""]
+        md += ["", f"{results['tuned']['n']} rows of {results.get('data', '')}", "",
+               _md_table(header, _metric_rows(results)), ""]
         page += [f"<p>{results['tuned']['n']} rows of {html.escape(str(results.get('data', '')))}</p>",
                  _html_table(header, _metric_rows(results))]
     else:
@@ -227,7 +228,7 @@ def _trial_dir(sweep_dir: Path, run_dir: str | None) -> Path | None:
     return None
 
 
-def _plot_sweep(sweep_dir: Path, rows: list[dict], path: Path) -> bool:
+def _plot_sweep(sweep_dir: Path, rows: list[dict], path: Path, metric: str) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,7 +240,7 @@ def _plot_sweep(sweep_dir: Path, rows: list[dict], path: Path) -> bool:
         if run in seen:
             continue
         seen.add(run)
-        points = [(r["step"], r["eval_loss"]) for r in read_metrics(run) if "eval_loss" in r] if run else []
+        points = [(r["step"], r[metric]) for r in read_metrics(run) if metric in r] if run else []
         if points:
             curves.append((row, points))
     if not curves:
@@ -249,7 +250,7 @@ def _plot_sweep(sweep_dir: Path, rows: list[dict], path: Path) -> bool:
     for row, points in curves:
         ax.plot(*zip(*points), styles.get(row["state"], ":"), marker=".", label=f"trial {row['trial']}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("eval loss")
+    ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     if len(curves) <= 12:
         ax.legend(fontsize="small")
@@ -260,32 +261,35 @@ def _plot_sweep(sweep_dir: Path, rows: list[dict], path: Path) -> bool:
 
 
 def build_sweep_report(sweep_dir: Path) -> tuple[Path, Path]:
-    """SWEEP_DIR/report/report.html and report.md: the sweep's summary, eval-loss curves of its trials
-    (solid complete, dashed pruned, dotted failed) and the leaderboard."""
-    from instructkit.sweep_board import board_table
+    """SWEEP_DIR/report/report.html and report.md: the sweep's summary, curves of the metric it ranks by for
+    its trials (solid complete, dashed pruned, dotted failed) and the leaderboard."""
+    from instructkit.sweep_board import best_text, board_table, metric_header
 
     if not (sweep_dir / "leaderboard.json").is_file():
         raise user_error(f"{sweep_dir} holds a study but no leaderboard.json yet", str(sweep_dir),
                          "run the same `instructkit sweep` command again: it writes the leaderboard as it starts")
     board = json.loads((sweep_dir / "leaderboard.json").read_text())
     rows, best = board["trials"], board.get("best")
+    metric = board.get("metric", "eval_loss")  # a leaderboard from before the metric ranked by eval loss
+    plotted = "eval_loss" if metric == "auto" else metric  # not resolved yet: no trial reported anything
     states = ", ".join(f"{sum(r['state'] == s for r in rows)} {s.lower()}"
                        for s in dict.fromkeys(r["state"] for r in rows))
     summary = [["study", f"{board.get('study')} ({board.get('storage')})"],
                ["trials", f"{len(rows)} ({states or 'none yet'}); --trials {board.get('trials_wanted')}"],
                ["search space", "; ".join(f"{k}: {v}" for k, v in board.get("space", {}).items())],
-               ["best", f"trial {best['trial']}, eval loss {best['eval_loss']:.4f}, run {best['run_dir']}; config "
+               ["ranked by", metric_header(metric)],
+               ["best", f"trial {best['trial']}, {best_text(best)}, run {best['run_dir']}; config "
                         f"{sweep_dir / 'best.yaml'}" if best else "no trial has completed yet"]]
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
     title = f"instructkit sweep: {board.get('study')}"
-    header, cells = board_table(rows)
+    header, cells = board_table(rows, metric)
     md = [f"# {title}", "", _md_table(["", ""], summary), ""]
     page = [f"<h1>{html.escape(title)}</h1>", _html_table(["", ""], summary)]
-    if _plot_sweep(sweep_dir, rows, out / "eval_loss.png"):
-        data = base64.b64encode((out / "eval_loss.png").read_bytes()).decode()
-        md += ["## Eval loss of each trial", "", "![Eval loss of each trial](eval_loss.png)", ""]
-        page += ["<h2>Eval loss of each trial</h2>", f'<img alt="eval loss" src="data:image/png;base64,{data}">']
+    if _plot_sweep(sweep_dir, rows, out / f"{plotted}.png", plotted):
+        data = base64.b64encode((out / f"{plotted}.png").read_bytes()).decode()
+        md += [f"## {plotted} of each trial", "", f"![{plotted} of each trial]({plotted}.png)", ""]
+        page += [f"<h2>{plotted} of each trial</h2>", f'<img alt="{plotted}" src="data:image/png;base64,{data}">']
     md += ["## Leaderboard", "", _md_table(header, cells), ""]
     page += ["<h2>Leaderboard</h2>", _html_table(header, cells)]
     return _write_pages(out, title, md, page)

@@ -1,9 +1,11 @@
-"""`instructkit sweep`: an Optuna study over ordinary runs, ranked and pruned on eval loss.
+"""`instructkit sweep`: an Optuna study over ordinary runs, ranked and pruned on the metric the runs choose
+their best weights by (train.best_metric; see sweep_metric.py).
 
 Each trial is a run directory (SWEEP_DIR/trial-NNN) trained by a child process of the normal CLI, so a
 trial behaves exactly like `instructkit train` (resume, lock, checkpoints, exit codes) and a crash in
-one trial cannot take the sweep down. The sweep watches the trial's metrics.jsonl, reports each eval
-loss to Optuna and, when Optuna says prune, sends the child SIGINT (it checkpoints and exits 130).
+one trial cannot take the sweep down. The sweep watches the trial's metrics.jsonl, reports each
+evaluation's metric to Optuna and, when Optuna says prune, sends the child SIGINT (it checkpoints and
+exits 130).
 The study lives in a database (SWEEP_DIR/study.db by default), so the same command resumes a sweep,
 and several machines can share one study through --storage.
 """
@@ -11,7 +13,6 @@ and several machines can share one study through --storage.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from instructkit.errors import TrainingInterrupted, UserError, user_error
 from instructkit.metrics import read_metrics
 from instructkit.rundir import MARKER, RunDirPlan, claim_run_dir, write_config
 from instructkit.sweep_board import best_row, board_markdown, cell
+from instructkit.sweep_metric import StudyMetric, best_eval, eval_fields, metric_value, objective, stored_metric
 from instructkit.sweep_params import Param, derived, trial_config, validate
 from instructkit.sweep_study import (
     PRUNE_FROM_EVAL,
@@ -69,9 +71,10 @@ class TrialRun:
     slot: int
     proc: subprocess.Popen
     log: IO
+    metric: StudyMetric
     started: float = field(default_factory=time.time)
     offset: int = 0
-    evals: dict[int, float] = field(default_factory=dict)
+    evals: dict[int, float] = field(default_factory=dict)  # step -> the metric's natural value
     pruned: bool = False
     interrupted: bool = False
     stopped_at: float | None = None
@@ -122,9 +125,15 @@ def prepare_run_dir(run_dir: Path, cfg: Any) -> None:
     write_config(run_dir, cfg)
 
 
-def _eval_losses(run_dir: Path) -> list[float]:
-    return [float(r["eval_loss"]) for r in read_metrics(run_dir)
-            if isinstance(r.get("eval_loss"), (int, float)) and math.isfinite(r["eval_loss"])]
+def tell_best(study: Any, trial: Any, run_dir: Path, metric: str | None) -> dict | None:
+    """Tell Optuna the trial's best evaluation by `metric` (the one its final/ holds), as the study minimises
+    it; keep that evaluation's other values (its eval loss beside an accuracy). None: no evaluation had it."""
+    best = best_eval(read_metrics(run_dir), metric) if metric else None
+    if best is None:
+        return None
+    trial.set_user_attr("best_eval", eval_fields(best))
+    study.tell(trial, objective(metric, metric_value(best, metric)))
+    return best
 
 
 def _completed(run_dir: Path) -> bool:
@@ -155,11 +164,15 @@ def fail(study: Any, trial: Any, note: str, tail: list[str] | None = None) -> No
     say(f"trial {trial.number}: failed: {note}")
 
 
-def start_trial(study: Any, plan: SweepPlan, slot: int) -> TrialRun | None:
+def start_trial(study: Any, plan: SweepPlan, slot: int, metric: StudyMetric) -> TrialRun | None:
     """Ask Optuna for values, write the trial's run directory and config, start its child."""
     trial = study.ask()
     values = suggest(trial, plan.space)
     overrides = {**values, **derived(values, plan.space, plan.base["method"])}
+    # Every trial selects its final/ weights by the metric the sweep ranks it by; while that is still
+    # `auto`, the trial resolves it (watch() reads what it chose).
+    known = metric.known()
+    fixed = {"train.best_metric": known} if known else {}
     retry_dir = trial.user_attrs.get("run_dir")
     if retry_dir and not Path(retry_dir).parent.is_dir():  # a trial of a worker whose sweep dir is not shared
         retry_dir = str(plan.sweep_dir / Path(retry_dir).name)
@@ -167,13 +180,12 @@ def start_trial(study: Any, plan: SweepPlan, slot: int) -> TrialRun | None:
     for key, value in {"run_dir": str(run_dir), "overrides": overrides, "worker": worker_id(),
                        "heartbeat": time.time()}.items():
         trial.set_user_attr(key, value)
-    if retry_dir and _completed(run_dir) and _eval_losses(run_dir):  # it finished before its sweep stopped
+    if retry_dir and _completed(run_dir) and tell_best(study, trial, run_dir, metric.adopt(run_dir)):
         trial.set_user_attr("note", "finished before its sweep stopped; counted without training again")
-        study.tell(trial, min(_eval_losses(run_dir)))
-        return None
+        return None  # it finished before its sweep stopped
     try:
-        cfg = validate(trial_config(plan.base, overrides, str(run_dir), f"{plan.base['run_name']}-{run_dir.name}"),
-                       f"trial {trial.number}")
+        cfg = validate(trial_config(plan.base, {**overrides, **fixed}, str(run_dir),
+                                    f"{plan.base['run_name']}-{run_dir.name}"), f"trial {trial.number}")
         prepare_run_dir(run_dir, cfg)
     except UserError as exc:
         fail(study, trial, str(exc))
@@ -187,26 +199,19 @@ def start_trial(study: Any, plan: SweepPlan, slot: int) -> TrialRun | None:
                             env=child_env(plan, slot), start_new_session=True)
     shown = ", ".join(f"{k}={cell(v)}" for k, v in overrides.items())
     say(f"trial {trial.number}: {'resuming' if retry_dir else 'training'} in {run_dir} ({shown})")
-    return TrialRun(trial, run_dir, slot, proc, log)
+    return TrialRun(trial, run_dir, slot, proc, log, metric)
 
 
 def watch(run: TrialRun, study: Any) -> bool:
-    """Report new eval losses, prune or keep alive; True once the child has exited and the trial is told."""
+    """Report new evaluations, prune or keep alive; True once the child has exited and the trial is told."""
     code = run.proc.poll()
-    records, run.offset = read_new(run.run_dir / "metrics.jsonl", run.offset)
-    for record in records:
-        loss, step = record.get("eval_loss"), record.get("step")
-        if not isinstance(loss, (int, float)) or not math.isfinite(loss) or not isinstance(step, int) \
-                or step in run.evals:
-            continue
-        run.evals[step] = loss
-        run.trial.report(float(loss), int(step))
-        say(f"trial {run.trial.number}: step {step} eval loss {loss:.4f}")
-        if (len(run.evals) >= PRUNE_FROM_EVAL and code is None and not run.pruned and not run.interrupted
-                and run.trial.should_prune()):
-            run.pruned = True
-            say(f"trial {run.trial.number}: pruned at step {step} (worse than the median): stopping it")
-            run.stop()
+    known = run.metric.known()
+    metric = known or run.metric.adopt(run.run_dir)
+    if metric and not known:
+        say(f"trial {run.trial.number}: the sweep ranks by {metric}, what train.best_metric: auto resolved to; "
+            "later trials select their final/ weights by it too")
+    if metric:  # the child writes config.yaml (resolved) before its first evaluation, so none is skipped
+        report_evals(run, metric, code is None)
     now = time.time()
     if now - run.beat > HEARTBEAT_S:
         run.trial.set_user_attr("heartbeat", now)
@@ -219,20 +224,39 @@ def watch(run: TrialRun, study: Any) -> bool:
     return True
 
 
+def report_evals(run: TrialRun, metric: str, running: bool) -> None:
+    """Report the metric of evaluations logged since the last look (as Optuna is told it: the study minimises)
+    and ask the pruner, from the trial's PRUNE_FROM_EVAL-th evaluation on."""
+    records, run.offset = read_new(run.run_dir / "metrics.jsonl", run.offset)
+    for record in records:
+        value, step = metric_value(record, metric), record.get("step")
+        if value is None or not isinstance(step, int) or step in run.evals:
+            continue
+        run.evals[step] = value
+        run.trial.report(objective(metric, value), int(step))
+        say(f"trial {run.trial.number}: step {step} {metric} {value:.4f}")
+        if (len(run.evals) >= PRUNE_FROM_EVAL and running and not run.pruned and not run.interrupted
+                and run.trial.should_prune()):
+            run.pruned = True
+            say(f"trial {run.trial.number}: pruned at step {step} (worse than the median): stopping it")
+            run.stop()
+
+
 def finish(run: TrialRun, study: Any, code: int) -> None:
-    """Tell Optuna how the trial ended: its best eval loss, pruned, interrupted (queued again) or failed."""
+    """Tell Optuna how the trial ended: its best value of the metric, pruned, interrupted (queued again) or
+    failed."""
     from optuna.trial import TrialState
 
     run.log.close()
     trial = run.trial
     trial.set_user_attr("wall_s", round(time.time() - run.started, 1))
-    losses = _eval_losses(run.run_dir)
-    if code == 0 and losses:
-        study.tell(trial, min(losses))
-        say(f"trial {trial.number}: complete, best eval loss {min(losses):.4f}")
+    metric = run.metric.adopt(run.run_dir) if code == 0 else run.metric.known()
+    best = tell_best(study, trial, run.run_dir, metric) if code == 0 else None
+    if best is not None:
+        say(f"trial {trial.number}: complete, best {metric} {metric_value(best, metric):.4f} (step {best['step']})")
     elif code == 0:
-        fail(study, trial, "the run logged no eval loss (data.val_size: auto holds none out of small data): set "
-             "data.eval_file or a numeric data.val_size")
+        fail(study, trial, f"the run logged no {metric or 'evaluation'} (data.val_size: auto holds none out of "
+             "small data): set data.eval_file or a numeric data.val_size")
     elif run.pruned:
         study.tell(trial, state=TrialState.PRUNED)
     elif run.interrupted:
@@ -270,10 +294,11 @@ def run_sweep(plan: SweepPlan) -> dict | None:
     fail_stale(study)
     say(describe(plan, study))
     refresh_board(study, plan)
+    metric = StudyMetric(study, stored_metric(study.user_attrs))
     active: list[TrialRun] = []
     with forwarded_signals() as signals:
         try:
-            shown = run_trials(study, plan, active, signals)
+            shown = run_trials(study, plan, active, signals, metric)
         finally:
             for run in active:  # an internal error: let the children checkpoint; their trials stay RUNNING
                 run.stop()
@@ -283,13 +308,14 @@ def run_sweep(plan: SweepPlan) -> dict | None:
         say(f"sweep stopped by {signal.Signals(signals[0]).name}; run the same command to continue")
         raise TrainingInterrupted(signals[0], None)
     if shown < len(rows):  # the last table printed was cut short, or no trial ran this time
-        say(board_markdown(rows, "leaderboard:"))
+        say(board_markdown(rows, "leaderboard:", stored_metric(study.user_attrs)))
     return best_row(rows)
 
 
-def run_trials(study: Any, plan: SweepPlan, active: list[TrialRun], signals: list[int]) -> int:
+def run_trials(study: Any, plan: SweepPlan, active: list[TrialRun], signals: list[int], metric: StudyMetric) -> int:
     """The loop: pass on signals, start trials while slots and missing trials remain, watch the running ones,
-    print the leaderboard after each; returns how many rows the last printed table showed."""
+    print the leaderboard after each; returns how many rows the last printed table showed. While the metric
+    is still `auto`, one trial runs at a time: the others then select their weights by what it resolved."""
     forwarded, shown = 0, 0
     while True:
         for signum in signals[forwarded:]:
@@ -297,8 +323,9 @@ def run_trials(study: Any, plan: SweepPlan, active: list[TrialRun], signals: lis
                 run.interrupted = True
                 run.stop(signal.SIGTERM if signum == signal.SIGHUP else signum)
         forwarded = len(signals)
-        while not signals and len(active) < plan.jobs and missing(study, plan.trials) > 0:
-            started = start_trial(study, plan, min(set(range(plan.jobs + 1)) - {r.slot for r in active}))
+        while (not signals and len(active) < plan.jobs and missing(study, plan.trials) > 0
+               and not (active and metric.known() is None)):
+            started = start_trial(study, plan, min(set(range(plan.jobs + 1)) - {r.slot for r in active}), metric)
             if started is None:  # told already (failed to set up, or finished before)
                 refresh_board(study, plan)
             else:
@@ -308,6 +335,6 @@ def run_trials(study: Any, plan: SweepPlan, active: list[TrialRun], signals: lis
         for run in [r for r in active if watch(r, study)]:
             active.remove(run)
             rows = refresh_board(study, plan)
-            say(board_markdown(rows, "leaderboard:", BOARD_ROWS_SHOWN))
+            say(board_markdown(rows, "leaderboard:", stored_metric(study.user_attrs), BOARD_ROWS_SHOWN))
             shown = min(len(rows), BOARD_ROWS_SHOWN)
         time.sleep(POLL_S)

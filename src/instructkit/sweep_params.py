@@ -20,8 +20,9 @@ from instructkit.config import RunConfig, apply_overrides, format_validation_err
 from instructkit.errors import UserError, user_error
 
 PARAM_FORMS = "KEY=LOW..HIGH, KEY=LOW..HIGH:log or KEY=a,b,c (e.g. train.learning_rate=1e-4..1e-2:log, lora.r=8,16,32)"
-# The sweep sets these itself in every trial's config: searching them would break the trial directories.
-SWEEP_OWNED = {"run_name", "output_dir", "train.resume"}
+# The sweep sets these itself in every trial's config: searching them would break the trial directories,
+# or (train.best_metric) rank trials by a metric other than the one they select their weights by.
+SWEEP_OWNED = {"run_name", "output_dir", "train.resume", "train.best_metric"}
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -108,7 +109,8 @@ def check_key(key: str, text: str | None = None) -> None:
     parts = key.split(".")
     where = f"--param {text or key}"
     if key in SWEEP_OWNED:
-        raise user_error(f"{where}: the sweep sets {key} itself for each trial", fix="search another key")
+        raise user_error(f"{where}: the sweep sets {key} itself for each trial",
+                         fix="choose it with --metric" if key == "train.best_metric" else "search another key")
     for i, part in enumerate(parts):
         field = model.model_fields.get(part)
         section = ".".join(parts[:i]) or "the top level"

@@ -9,7 +9,6 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from instructkit.config import load_config
 from instructkit.errors import user_error
 from instructkit.files import write_text
 from instructkit.rundir import RESULT_NEUTRAL, config_differences
-from instructkit.sweep_board import best_row, board_rows, write_board
+from instructkit.sweep_board import best_row, best_text, board_rows, write_board
+from instructkit.sweep_metric import AUTO, direction, requested_metric, settle_metric, stored_metric
 from instructkit.sweep_params import (
     Param,
     default_space,
@@ -32,9 +32,11 @@ from instructkit.sweep_params import (
 )
 
 STALE_AFTER_S = 600       # a RUNNING trial silent this long belongs to a sweep that died (another machine)
-PRUNE_FROM_EVAL = 2       # never prune on a trial's first eval loss: one point says little about a run
+PRUNE_FROM_EVAL = 2       # never prune on a trial's first evaluation: one point says little about a run
 
-say: Callable[[str], None] = lambda text: print(text, flush=True)
+
+def say(text: str) -> None:
+    print(text, flush=True)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class SweepPlan:
     jobs: int
     gpus: list[str]
     shared: bool              # --storage: other workers may run trials of the same study
+    metric: str = AUTO        # --metric, else the config's train.best_metric; auto: the first trial resolves it
 
 
 def visible_gpus() -> list[str]:
@@ -62,7 +65,8 @@ def visible_gpus() -> list[str]:
 
 
 def plan_sweep(config: str, overrides: list[str], trials: int, params: list[str], sweep_dir: str | None = None,
-               storage: str | None = None, study_name: str | None = None, jobs: int | None = None) -> SweepPlan:
+               storage: str | None = None, study_name: str | None = None, jobs: int | None = None,
+               metric: str = AUTO) -> SweepPlan:
     """Check the whole command (config, search space, trials, jobs, eval data) without writing anything."""
     if trials < 1:
         raise user_error(f"--trials {trials}: a sweep needs at least one trial", fix="give --trials 1 or more")
@@ -70,14 +74,15 @@ def plan_sweep(config: str, overrides: list[str], trials: int, params: list[str]
         raise user_error(f"--jobs {jobs}: at least one trial must run at a time", fix="give --jobs 1 or more")
     base = load_config(config, overrides).model_dump(mode="json")
     if not has_eval_data(base):
-        raise user_error("the sweep ranks and prunes trials by eval loss, and the config has no eval data", config,
+        raise user_error("the sweep ranks and prunes trials by an eval metric, and the config has no eval data", config,
                          "set data.eval_file: FILE, or data.val_size (a fraction such as 0.1, a row count, or auto)")
     space = parse_space(params) if params else default_space(base)
     validate_space(base, space)
     folder = Path(sweep_dir) if sweep_dir else Path("sweeps") / base["run_name"]
     gpus = visible_gpus()
     return SweepPlan(base, space, folder, storage or f"sqlite:///{(folder / 'study.db').resolve()}",
-                     study_name or base["run_name"], trials, jobs or max(len(gpus), 1), gpus, storage is not None)
+                     study_name or base["run_name"], trials, jobs or max(len(gpus), 1), gpus, storage is not None,
+                     requested_metric(metric, base))
 
 
 def shown_url(url: str) -> str:
@@ -91,8 +96,9 @@ def shown_url(url: str) -> str:
 
 
 def make_pruner() -> Any:
-    """The median rule: stop a trial whose eval loss is worse than the median of complete trials at the
-    same step, once two trials have completed (a function, so tests can force a prune)."""
+    """The median rule: stop a trial whose best reported value (eval loss, or 1 - accuracy: lower is better
+    either way) is worse than the median of complete trials at the same step, once two trials have
+    completed (a function, so tests can force a prune)."""
     import optuna
 
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
@@ -124,10 +130,11 @@ def open_study(plan: SweepPlan) -> Any:
 
 
 def check_same_sweep(study: Any, plan: SweepPlan) -> None:
-    """A resumed study must search the same space from the same config, or its leaderboard would mix
-    trials that cannot be compared."""
+    """A resumed study must search the same space from the same config, and rank by the same metric, or its
+    leaderboard would mix trials that cannot be compared. A new study stores all three."""
     space = {p.key: p.describe() for p in plan.space}
     if "space" not in study.user_attrs:
+        settle_metric(study, plan.metric, plan.study_name)  # first: `space` is what marks a study as started
         study.set_user_attr("space", space)
         study.set_user_attr("base_config", plan.base)
         return
@@ -140,6 +147,7 @@ def check_same_sweep(study: Any, plan: SweepPlan) -> None:
         raise user_error(f"study '{plan.study_name}' was started from a config that gives different results; "
                          f"differences: {'; '.join(diffs[:8])}", "CONFIG",
                          "resume it with the same config and overrides, or give a new --sweep-dir/--study-name")
+    settle_metric(study, plan.metric, plan.study_name)
 
 
 def worker_id() -> str:
@@ -207,9 +215,17 @@ def describe(plan: SweepPlan, study: Any) -> str:
     lines += [f"  {p.key}: {p.describe()}" for p in plan.space]
     for key in derived({p.key: p.ends()[0] for p in plan.space}, plan.space, plan.base["method"]):
         lines.append(f"  {key}: follows the searched values (2 x lora.r)")
-    lines.append(f"objective: lowest eval loss of each trial; pruning: median rule once 2 trials completed, "
-                 f"from a trial's eval #{PRUNE_FROM_EVAL}")
+    lines.append(f"{objective_text(stored_metric(study.user_attrs))}; pruning: median rule once 2 trials "
+                 f"completed, from a trial's eval #{PRUNE_FROM_EVAL}")
     return "\n".join(lines)
+
+
+def objective_text(metric: str) -> str:
+    if metric == AUTO:
+        return ("objective: the metric train.best_metric: auto resolves to in the first trial (every later trial "
+                "selects its weights by it too)")
+    told = "" if metric == "eval_loss" else f"; Optuna minimises 1 - {metric}"
+    return f"objective: best {metric} of each trial ({direction(metric)}{told}), the one its final/ weights hold"
 
 
 def write_best_config(study: Any, plan: SweepPlan, best: dict) -> Path:
@@ -219,7 +235,8 @@ def write_best_config(study: Any, plan: SweepPlan, best: dict) -> Path:
     base = study.user_attrs.get("base_config", plan.base)
     data = trial_config(base, trial.user_attrs.get("overrides", trial.params), base["output_dir"], base["run_name"])
     data["train"]["resume"] = base["train"]["resume"]
-    header = (f"# best trial {best['trial']} of sweep '{plan.study_name}': eval loss {best['eval_loss']:.4f}, "
+    data["train"]["best_metric"] = best.get("metric", data["train"].get("best_metric"))  # what chose the trial
+    header = (f"# best trial {best['trial']} of sweep '{plan.study_name}': {best_text(best)}, "
               f"run {best['run_dir']}\n# train it (e.g. on more data, longer): instructkit train "
               f"{plan.sweep_dir / 'best.yaml'}\n")
     write_text(plan.sweep_dir / "best.yaml", header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
@@ -228,10 +245,12 @@ def write_best_config(study: Any, plan: SweepPlan, best: dict) -> Path:
 
 def refresh_board(study: Any, plan: SweepPlan) -> list[dict]:
     """leaderboard.md/.json and best.yaml from the study as it is now (other workers' trials included)."""
-    rows = board_rows(study.get_trials(deepcopy=False))
+    metric = stored_metric(study.user_attrs)
+    rows = board_rows(study.get_trials(deepcopy=False), metric)
     summary = {"study": plan.study_name, "storage": shown_url(plan.storage), "sweep_dir": str(plan.sweep_dir),
-               "trials_wanted": plan.trials, "space": {p.key: p.describe() for p in plan.space},
-               "objective": "lowest eval loss of the trial"}
+               "trials_wanted": plan.trials, "space": {p.key: p.describe() for p in plan.space}, "metric": metric,
+               "direction": None if metric == AUTO else direction(metric),
+               "objective": objective_text(metric).removeprefix("objective: ")}
     write_board(plan.sweep_dir, rows, summary)
     if best_row(rows):
         write_best_config(study, plan, best_row(rows))

@@ -1,6 +1,7 @@
 """`instructkit sweep` end to end on the tiny model: real trials in child processes, resume with --trials
-as the total, a pruned trial stopped through SIGINT, Ctrl-C on the sweep and its resume, a failing trial,
-and bad input that exits 2 before any trial."""
+as the total, the metric the first trial resolves fixed for the study and passed to the next trials, a
+pruned trial stopped through SIGINT, Ctrl-C on the sweep and its resume, a failing trial, and bad input
+that exits 2 before any trial."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from instructkit.cli import main
 from instructkit.config import load_config
@@ -29,11 +31,17 @@ def manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())
 
 
+def best_metric(run: Path) -> str:
+    return yaml.safe_load((run / "config.yaml").read_text())["train"]["best_metric"]
+
+
 @pytest.fixture
 def sweep_config(tiny_config):
-    """A tiny run with a held-out split and an eval loss at every step."""
+    """A tiny run with a held-out split and an evaluation at every step, trained to its last step: the tiny
+    model's exact match stays flat, which would stop it early (patience 3) before a test can prune it."""
     def make(**train) -> Path:
-        return tiny_config(data={"val_size": 2}, train={"max_steps": 6, "eval_steps": 1, **train})
+        return tiny_config(data={"val_size": 2},
+                           train={"max_steps": 6, "eval_steps": 1, "early_stopping_patience": None, **train})
     return make
 
 
@@ -56,6 +64,14 @@ def test_resume_runs_only_the_missing_trials_and_a_pruned_trial_stops_its_run(sw
     assert f"best run directory: {sweep / 'trial-000'}" in out
     first = tree_digest(sweep / "trial-000")
     assert board(sweep)[0]["state"] == "COMPLETE"
+    # train.best_metric: auto (the default): the first trial resolved it, and the study ranks by it from then on
+    metric = best_metric(sweep / "trial-000")
+    assert metric in ("eval_loss", "eval_exact_match") and f"the sweep ranks by {metric}" in out
+    leaderboard = json.loads((sweep / "leaderboard.json").read_text())
+    assert (leaderboard["metric"], leaderboard["best"]["metric"]) == (metric, metric)
+    assert leaderboard["best"]["value"] is not None and leaderboard["best"]["eval_loss"] is not None
+    study = optuna.load_study(study_name=leaderboard["study"], storage=f"sqlite:///{sweep / 'study.db'}")
+    assert study.user_attrs["metric"] == metric  # what a resumed sweep and other workers rank by
 
     monkeypatch.setattr(sweep_study, "make_pruner", PruneTrialOne)
     assert main([*args, "--trials", "2"]) == 0
@@ -66,11 +82,13 @@ def test_resume_runs_only_the_missing_trials_and_a_pruned_trial_stops_its_run(sw
     assert tree_digest(sweep / "trial-000") == first
     assert (rows[0]["rank"], rows[1]["state"]) == (1, "PRUNED")
     pruned = sweep / "trial-001"
+    assert best_metric(pruned) == metric  # passed to the trial: it selects its weights by what it is ranked by
     assert manifest(pruned)["status"] == "interrupted"  # stopped gracefully: checkpointed, exit 130
     assert list((pruned / "checkpoints").iterdir())
     assert max(r["step"] for r in read_metrics(pruned)) < 12
     best = load_config(sweep / "best.yaml")  # loadable by train, with trial 0's value
     assert best.train.learning_rate == pytest.approx(rows[0]["params"]["train.learning_rate"])
+    assert best.train.best_metric == metric
     assert best.output_dir == str(tmp_path / "run")
     md = (sweep / "leaderboard.md").read_text()
     assert "| 1 | 0 | complete |" in md and "| - | 1 | pruned |" in md
@@ -79,7 +97,8 @@ def test_resume_runs_only_the_missing_trials_and_a_pruned_trial_stops_its_run(sw
     assert "0 to start" in capsys.readouterr().out and sorted(board(sweep)) == [0, 1]
     assert main(["report", str(sweep)]) == 0
     report = (sweep / "report/report.md").read_text()
-    assert "| trials | 2 (1 complete, 1 pruned); --trials 2 |" in report and (sweep / "report/eval_loss.png").is_file()
+    assert "| trials | 2 (1 complete, 1 pruned); --trials 2 |" in report and (sweep / f"report/{metric}.png").is_file()
+    assert f"| ranked by | {metric} (" in report
 
 
 @pytest.mark.slow
@@ -171,3 +190,16 @@ def test_a_resumed_sweep_must_search_the_same_space(tiny_config, tmp_path, capsy
     sweep_study.open_study(plan)  # a study that searched the learning rate
     assert main(["sweep", str(config), "--sweep-dir", str(sweep), "--trials", "1", "--param", "lora.r=4,8"]) == 2
     assert "give the same --param flags to resume it" in capsys.readouterr().err
+
+
+def test_a_resumed_sweep_must_rank_by_the_same_metric(tiny_config, tmp_path, capsys):
+    from instructkit import sweep_study
+
+    config, sweep = tiny_config(data={"val_size": 2}, train={"max_steps": 2}), tmp_path / "sweep"
+    plan = sweep_study.plan_sweep(str(config), [], 1, [LR], str(sweep), metric="eval_loss")
+    sweep_study.open_study(plan)  # a study ranked by eval loss
+    args = ["sweep", str(config), "--sweep-dir", str(sweep), "--trials", "1", "--param", LR]
+    assert main([*args, "--metric", "eval_exact_match"]) == 2
+    err = capsys.readouterr().err
+    assert "ranks its trials by eval_loss, this command by eval_exact_match" in err and "Fix:" in err
+    assert optuna.load_study(study_name=plan.study_name, storage=plan.storage).user_attrs["metric"] == "eval_loss"

@@ -1,5 +1,6 @@
 """`instructkit sweep` without training: --param parsing, the default spaces, the checks that exit 2 before
-any trial, trial configs, trial counting and staleness, and the leaderboard written from a fake study."""
+any trial, trial configs, trial counting and staleness, the leaderboard written from a fake study, and the
+metric trials are ranked and pruned by (eval loss, or an accuracy told to Optuna as 1 - accuracy)."""
 
 import json
 import os
@@ -19,6 +20,7 @@ from instructkit.config import load_config
 from instructkit.errors import UserError
 from instructkit.sweep import log_tail, read_new
 from instructkit.sweep_board import best_row, board_markdown, board_rows, write_board
+from instructkit.sweep_metric import StudyMetric, best_eval, requested_metric, stored_metric
 from instructkit.sweep_params import (
     Param,
     default_space,
@@ -68,6 +70,7 @@ def test_param_forms(text, expected):
     ("lora=1..2", "'lora' is a section, not a value"),
     ("lora.r.x=1..2", "'lora.r' is a value, not a section"),
     ("output_dir=a,b", "the sweep sets output_dir itself"),
+    ("train.best_metric=eval_loss,eval_accuracy", "the sweep sets train.best_metric itself"),
     ("lora.r=8..8", "the range is empty (8..8)"),
     ("lora.r=16..8", "the range is reversed (16..8)"),
     ("train.learning_rate=0..1e-2:log", "a log range needs bounds above 0 (got 0)"),
@@ -176,12 +179,12 @@ def fake_trials():
 
 
 def test_leaderboard_ranks_complete_trials_then_pruned_running_failed():
-    rows = board_rows(fake_trials(), now=datetime(2025, 1, 1, 12, 1, 0))
+    rows = board_rows(fake_trials(), "eval_loss", now=datetime(2025, 1, 1, 12, 1, 0))
     assert [(r["rank"], r["trial"], r["state"]) for r in rows] == [
         (1, 3, "COMPLETE"), (2, 0, "COMPLETE"), (None, 1, "PRUNED"), (None, 5, "RUNNING"), (None, 4, "FAIL"),
         (None, 2, "FAIL")]  # within a state, by eval loss so far (trial 2 has none)
     by = {r["trial"]: r for r in rows}
-    assert by[1]["eval_loss"] == 2.2 and by[1]["note"] == "pruned at step 4 (eval loss 2.2000)"
+    assert by[1]["eval_loss"] == by[1]["value"] == 2.2 and by[1]["note"] == "pruned at step 4 (eval_loss 2.2000)"
     assert by[2]["note"] == "exit code 2: error: model not found" and by[2]["log_tail"][-1] == "error: model not found"
     assert by[4]["note"] == "interrupted; retried as trial 5" and by[5]["note"] == "retries trial 4"
     assert (by[0]["wall_s"], by[3]["wall_s"], by[5]["wall_s"]) == (31.0, 30.0, 60.0)
@@ -189,16 +192,17 @@ def test_leaderboard_ranks_complete_trials_then_pruned_running_failed():
 
 
 def test_leaderboard_files_and_table(tmp_path):
-    rows = board_rows(fake_trials())
-    write_board(tmp_path, rows, {"study": "exp", "trials_wanted": 6})
+    rows = board_rows(fake_trials(), "eval_loss")
+    write_board(tmp_path, rows, {"study": "exp", "trials_wanted": 6, "metric": "eval_loss"})
     md = (tmp_path / "leaderboard.md").read_text()
-    assert "Best: trial 3, eval loss 1.2000, run sw/trial-003" in md
-    assert "| rank | trial | state | eval loss | train.learning_rate | lora.r | wall s | run | note |" in md
+    assert "Best: trial 3, eval_loss 1.2000 (lower is better), run sw/trial-003" in md
+    assert "| rank | trial | state | eval_loss (lower is better) | train.learning_rate | lora.r | wall s |" in md
     assert "| 1 | 3 | complete | 1.2000 | 0.003 | 16 | 30 | trial-003 |  |" in md
     board = json.loads((tmp_path / "leaderboard.json").read_text())
     assert board["study"] == "exp" and board["best"]["trial"] == 3 and len(board["trials"]) == 6
+    assert (board["best"]["run_dir"], board["best"]["eval_loss"]) == ("sw/trial-003", 1.2)  # as bench/ reads it
     assert not list(tmp_path.glob(".*tmp*"))  # written beside, then renamed
-    short = board_markdown(rows, "top:", limit=2)
+    short = board_markdown(rows, "top:", "eval_loss", limit=2)
     assert short.count("complete") == 2 and "(4 more rows in leaderboard.md)" in short
 
 
@@ -211,8 +215,8 @@ def test_missing_counts_finished_running_and_failed_runs_but_not_interrupted_one
     assert missing(study, 5) == 0
 
 
-def _plan(tmp_path, space, base=None) -> SweepPlan:
-    return SweepPlan(base or base_config(), space, tmp_path, "sqlite://", "exp", 4, 1, [], False)
+def _plan(tmp_path, space, base=None, metric="eval_loss") -> SweepPlan:
+    return SweepPlan(base or base_config(), space, tmp_path, "sqlite://", "exp", 4, 1, [], False, metric)
 
 
 def test_a_resumed_study_must_search_the_same_space_from_the_same_config(tmp_path):
@@ -234,11 +238,12 @@ def test_best_yaml_is_the_base_config_with_the_best_values_and_loads(tmp_path):
     study.add_trial(_frozen(0, TrialState.COMPLETE, 1.1, {"train.learning_rate": 3e-4, "lora.r": 16},
                             run_dir=str(tmp_path / "trial-000"),
                             overrides={"train.learning_rate": 3e-4, "lora.r": 16, "lora.alpha": 32}))
-    best = best_row(board_rows(study.get_trials()))
+    best = best_row(board_rows(study.get_trials(), "eval_loss"))
     path = write_best_config(study, _plan(tmp_path, default_space(base)), best)
-    assert path.read_text().startswith("# best trial 0 of sweep 'exp': eval loss 1.1000")
+    assert path.read_text().startswith("# best trial 0 of sweep 'exp': eval_loss 1.1000 (lower is better)")
     cfg = load_config(path)
     assert (cfg.train.learning_rate, cfg.lora.r, cfg.lora.alpha) == (3e-4, 16, 32)
+    assert cfg.train.best_metric == "eval_loss"  # the metric that chose the trial, though the base says auto
     assert (cfg.output_dir, cfg.run_name, cfg.train.resume) == ("runs/exp", "exp", "auto")
     assert yaml.safe_load(path.read_text())["data"]["val_size"] == 0.1
 
@@ -246,8 +251,10 @@ def test_best_yaml_is_the_base_config_with_the_best_values_and_loads(tmp_path):
 def test_stale_running_trials():
     host, now = socket.gethostname(), time.time()
     dead = os.getpid() + 10_000_000  # above any pid_max, so no process has it
-    trial = lambda worker, beat: SimpleNamespace(user_attrs={"worker": worker, "heartbeat": beat},
-                                                 datetime_start=None)
+
+    def trial(worker, beat):
+        return SimpleNamespace(user_attrs={"worker": worker, "heartbeat": beat}, datetime_start=None)
+
     assert is_stale(trial(f"{host}:{dead}", now), now)                       # its sweep died on this machine
     assert not is_stale(trial(f"{host}:{os.getpid()}", now), now)            # alive and beating
     assert not is_stale(trial(f"elsewhere:{dead}", now - 60), now)           # another machine, recently alive
@@ -290,43 +297,171 @@ def test_default_sweep_dir_and_study_name_come_from_run_name(tmp_path, monkeypat
 
 
 class FakeChild:
-    """A running child process that records the signals it is sent."""
+    """A child process that records the signals it is sent: running, or exited with `code`."""
 
-    def __init__(self):
-        self.signals = []
+    def __init__(self, code=None):
+        self.signals, self.code = [], code
 
     def poll(self):
-        return None
+        return self.code
 
     def send_signal(self, signum):
         self.signals.append(signum)
 
 
-def _watched_trial(tmp_path, losses: list[float]):
-    """A new trial beside two completed ones (eval loss 1.0 at steps 1 and 2), watched once after its run
-    logged `losses` at steps 1, 2, ..."""
+def _metrics(run_dir: Path, records: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _evals(metric: str, values: list[float], **more) -> list[dict]:
+    """Evaluation records at steps 1, 2, ... with `metric` at `values` (and `more` at every step)."""
+    return [{"step": i + 1, metric: value, **more} for i, value in enumerate(values)]
+
+
+def _watched_trial(tmp_path, records: list[dict], metric="eval_loss", told=1.0, code=None):
+    """A new trial beside two completed ones (told `told` at steps 1 and 2, as Optuna holds values: eval
+    loss, or 1 - accuracy), watched once after its run logged `records`."""
     import signal
 
     from instructkit.sweep import TrialRun, watch
     from instructkit.sweep_study import make_pruner
 
     study = optuna.create_study(pruner=make_pruner())
+    study.set_user_attr("metric", metric)
     for number in range(2):
-        study.add_trial(_frozen(number, TrialState.COMPLETE, 1.0, evals={1: 1.0, 2: 1.0}))
+        study.add_trial(_frozen(number, TrialState.COMPLETE, told, evals={1: told, 2: told}))
     run_dir = tmp_path / "trial-002"
-    run_dir.mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "eval_loss": loss}) + "\n"
-                                                   for i, loss in enumerate(losses)))
-    child = FakeChild()
-    run = TrialRun(study.ask(), run_dir, 0, child, None)
-    assert watch(run, study) is False  # still running
+    _metrics(run_dir, records)
+    child = FakeChild(code)
+    log = None if code is None else open(tmp_path / "train.log", "w")  # noqa: SIM115 - finish() closes it
+    run = TrialRun(study.ask(), run_dir, 0, child, log, StudyMetric(study, metric))
+    assert watch(run, study) is (code is not None)  # True once the child has exited and the trial is told
     return run, child.signals, signal.SIGINT
 
 
 def test_a_trial_worse_than_the_median_is_pruned_from_its_second_eval_loss(tmp_path):
-    run, signals, sigint = _watched_trial(tmp_path, [3.0])
+    run, signals, sigint = _watched_trial(tmp_path, _evals("eval_loss", [3.0]))
     assert run.evals == {1: 3.0} and not run.pruned and signals == []  # one point says little: never pruned
-    run, signals, sigint = _watched_trial(tmp_path / "b", [3.0, 2.5])
+    run, signals, sigint = _watched_trial(tmp_path / "b", _evals("eval_loss", [3.0, 2.5]))
     assert run.pruned and signals == [sigint]  # the child is asked to checkpoint and stop
-    run, signals, _ = _watched_trial(tmp_path / "c", [1.0, 0.5])
+    run, signals, _ = _watched_trial(tmp_path / "c", _evals("eval_loss", [1.0, 0.5]))
     assert not run.pruned and signals == []
+
+
+def test_an_exact_match_trial_is_pruned_on_1_minus_exact_match(tmp_path):
+    # the others reached exact match 0.5 (told 0.5); this one 0.1 then 0.2, with a far lower eval loss
+    run, signals, sigint = _watched_trial(tmp_path, _evals("eval_exact_match", [0.1, 0.2], eval_loss=0.01),
+                                          "eval_exact_match", told=0.5)
+    assert run.evals == {1: 0.1, 2: 0.2} and run.pruned and signals == [sigint]
+    assert run.trial.study.trials[2].intermediate_values == pytest.approx({1: 0.9, 2: 0.8})  # 1 - exact match
+    run, signals, _ = _watched_trial(tmp_path / "b", _evals("eval_exact_match", [0.6, 0.7], eval_loss=9.0),
+                                     "eval_exact_match", told=0.5)
+    assert not run.pruned and signals == []  # better than the median by exact match, whatever its loss
+
+
+def test_a_finished_trial_is_told_its_best_value_by_the_metric(tmp_path):
+    records = _evals("eval_exact_match", [0.4, 0.6, 0.6, 0.5], eval_loss=1.0)
+    records[1]["eval_loss"] = 2.0  # the loss rises while more answers come out right
+    run, _, _ = _watched_trial(tmp_path, records, "eval_exact_match", told=0.5, code=0)
+    trial = run.trial.study.trials[2]
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.4)  # 1 - the best, 0.6
+    assert trial.user_attrs["best_eval"] == {"step": 2, "eval_exact_match": 0.6, "eval_loss": 2.0}  # earliest best
+    run, _, _ = _watched_trial(tmp_path / "b", _evals("eval_loss", [2.0, 1.5, 1.7]), code=0)
+    assert run.trial.study.trials[2].value == 1.5
+    run, _, _ = _watched_trial(tmp_path / "c", _evals("eval_loss", [2.0]), "eval_accuracy", code=0)
+    trial = run.trial.study.trials[2]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["note"].startswith("the run logged no eval_accuracy")
+
+
+def test_best_eval_keeps_the_earliest_of_equals_like_the_run():
+    records = [{"step": 1, "eval_loss": 1.0}, {"step": 2, "loss": 0.3}, {"step": 3, "eval_loss": 0.8},
+               {"step": 4, "eval_loss": 0.8}, {"step": 5, "eval_loss": float("nan")}]
+    assert best_eval(records, "eval_loss")["step"] == 3
+    assert best_eval(records, "eval_accuracy") is None
+
+
+def _em_trial(number, em, loss, evals=None, state=TrialState.COMPLETE):
+    """A trial of an exact-match study as Optuna holds it: told 1 - exact match."""
+    return _frozen(number, state, None if state != TrialState.COMPLETE else 1 - em,
+                   evals=evals, run_dir=f"sw/trial-{number:03d}",
+                   best_eval={"step": 4, "eval_exact_match": em, "eval_loss": loss})
+
+
+def test_an_exact_match_leaderboard_ranks_the_higher_exact_match_first(tmp_path):
+    trials = [_em_trial(0, 0.32, 0.90), _em_trial(1, 0.52, 1.10), _em_trial(2, 0.395, 1.00),
+              _frozen(3, TrialState.PRUNED, None, evals={2: 0.9, 4: 0.8}, run_dir="sw/trial-003")]
+    rows = board_rows(trials, "eval_exact_match")
+    assert [(r["rank"], r["trial"]) for r in rows] == [(1, 1), (2, 2), (3, 0), (None, 3)]
+    by = {r["trial"]: r for r in rows}
+    assert (by[1]["metric"], by[1]["value"], by[1]["eval_loss"]) == ("eval_exact_match", pytest.approx(0.52), 1.10)
+    assert by[3]["value"] == pytest.approx(0.2) and by[3]["eval_loss"] is None
+    assert by[3]["note"] == "pruned at step 4 (eval_exact_match 0.2000)"
+    write_board(tmp_path, rows, {"study": "exp", "metric": "eval_exact_match"})
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "Best: trial 1, eval_exact_match 0.5200 (higher is better), run sw/trial-001" in md
+    assert "| rank | trial | state | eval_exact_match (higher is better) | eval loss |" in md
+    assert "| 1 | 1 | complete | 0.5200 | 1.1000 |" in md
+    best = json.loads((tmp_path / "leaderboard.json").read_text())["best"]
+    assert (best["run_dir"], best["value"], best["eval_loss"]) == ("sw/trial-001", pytest.approx(0.52), 1.10)
+
+
+def test_the_metric_is_the_flag_else_the_config_and_is_stored_in_the_study(tmp_path):
+    assert requested_metric("auto", base_config(train={"best_metric": "eval_accuracy"})) == "eval_accuracy"
+    assert requested_metric("eval_loss", base_config(train={"best_metric": "eval_accuracy"})) == "eval_loss"
+    assert requested_metric("auto", base_config()) == "auto"
+    space = default_space(base_config())
+    study = optuna.create_study()
+    check_same_sweep(study, _plan(tmp_path, space, metric="eval_exact_match"))
+    assert study.user_attrs["metric"] == "eval_exact_match"
+    check_same_sweep(study, _plan(tmp_path, space, metric="auto"))  # auto resumes with the stored one
+    check_same_sweep(study, _plan(tmp_path, space, metric="eval_exact_match"))
+    with pytest.raises(UserError) as info:
+        check_same_sweep(study, _plan(tmp_path, space, metric="eval_loss"))
+    assert "ranks its trials by eval_exact_match, this command by eval_loss" in str(info.value)
+    assert "--metric eval_exact_match" in str(info.value)
+    assert study.user_attrs["metric"] == "eval_exact_match"
+
+
+def test_a_pending_auto_metric_is_fixed_by_the_first_trial_or_an_explicit_flag(tmp_path):
+    space = default_space(base_config())
+    study = optuna.create_study()
+    check_same_sweep(study, _plan(tmp_path, space, metric="auto"))
+    assert stored_metric(study.user_attrs) == "auto"
+    metric = StudyMetric(study, "auto")
+    run_dir = tmp_path / "trial-000"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "auto"}}))  # the sweep's copy
+    assert metric.adopt(run_dir) is None and metric.known() is None
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "eval_exact_match"}}))
+    assert metric.adopt(run_dir) == "eval_exact_match" == study.user_attrs["metric"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "eval_loss"}}))
+    assert metric.adopt(run_dir) == "eval_exact_match"  # fixed for the study: a later trial changes nothing
+    assert StudyMetric(study, "auto").known() == "eval_exact_match"  # another worker reads it from the study
+
+    pending = optuna.create_study()
+    check_same_sweep(pending, _plan(tmp_path, space, metric="auto"))
+    check_same_sweep(pending, _plan(tmp_path, space, metric="eval_accuracy"))
+    assert pending.user_attrs["metric"] == "eval_accuracy"
+    legacy = optuna.create_study()  # a study from before the metric: it ranked by eval loss
+    legacy.set_user_attr("space", {p.key: p.describe() for p in space})
+    legacy.set_user_attr("base_config", base_config())
+    assert stored_metric(legacy.user_attrs) == "eval_loss"
+    with pytest.raises(UserError, match="ranks its trials by eval_loss"):
+        check_same_sweep(legacy, _plan(tmp_path, space, metric="eval_exact_match"))
+
+
+def test_a_trial_waits_for_its_child_to_resolve_an_auto_metric(tmp_path):
+    from instructkit.sweep import TrialRun, watch
+
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    study.set_user_attr("metric", "auto")
+    run_dir = tmp_path / "trial-000"
+    _metrics(run_dir, _evals("eval_exact_match", [0.3], eval_loss=1.0))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "auto"}}))
+    run = TrialRun(study.ask(), run_dir, 0, FakeChild(), None, StudyMetric(study, "auto"))
+    assert watch(run, study) is False and run.evals == {}  # nothing is reported by an unknown metric
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "eval_exact_match"}}))
+    assert watch(run, study) is False and run.evals == {1: 0.3}
+    assert study.user_attrs["metric"] == "eval_exact_match"
+    assert study.trials[0].intermediate_values == pytest.approx({1: 0.7})
