@@ -146,7 +146,7 @@ class TrainConfig(_Strict):
         "else 2e-5")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     num_train_epochs: Union[Literal["auto"], Annotated[float, Field(gt=0)]] = Field(
-        "auto", description="passes over the training data; auto: enough to train on about 1,500 examples, "
+        "auto", description="passes over the training data; auto: enough to train on about 1,000 examples, "
         "1 to 3")
     max_steps: int = Field(-1, description="optimizer steps; overrides num_train_epochs when > 0")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of steps spent warming up")

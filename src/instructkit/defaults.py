@@ -26,7 +26,7 @@ VAL_FRACTION, VAL_MIN, VAL_MAX = 0.05, 20, 1000
 # A global batch that grows with the data: small sets get many small steps, large ones smoother ones.
 BATCH_BY_ROWS = ((4_000, 8), (40_000, 16), (math.inf, 32))
 # Passes over small data until about this many examples were trained on, at most MAX_EPOCHS.
-EXAMPLES_SEEN, MAX_EPOCHS = 1_500, 3
+EXAMPLES_SEEN, MAX_EPOCHS = 1_000, 3
 # Peak learning rates: LoRA with alpha = 2r on every linear layer; full tuning by model size.
 LORA_LR = 1.0e-3
 FULL_LR_SMALL, FULL_LR, SMALL_MODEL = 5.0e-5, 2.0e-5, 1_000_000_000
@@ -65,10 +65,10 @@ def auto_accumulation(n_train: int, per_device: int, world: int) -> Choice:
 
 
 def auto_epochs(n_train: int) -> Choice:
-    epochs = max(1, min(MAX_EPOCHS, math.ceil(EXAMPLES_SEEN / n_train)))
+    epochs = max(1, min(MAX_EPOCHS, round(EXAMPLES_SEEN / n_train)))
     return Choice("train.num_train_epochs", epochs,
-                  f"{epochs} pass(es) over {n_train} examples: enough to train on {EXAMPLES_SEEN:,} or more, "
-                  f"at most {MAX_EPOCHS}")
+                  f"{epochs} pass(es) over {n_train} examples: about {EXAMPLES_SEEN:,} examples trained on, "
+                  f"1 to {MAX_EPOCHS} passes")
 
 
 def auto_learning_rate(method: str, n_params: int | None) -> Choice:

@@ -9,6 +9,7 @@ best weights (train.final_weights: best) or the last ones (last).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,22 +35,29 @@ class Tracker:
     best_value: float | None = None
     best_step: int | None = None
     since_best: int = 0
+    best_loss: float | None = None  # breaks ties of an accuracy, which moves in steps of 1 / eval examples
 
     @classmethod
     def resumed(cls, metric: str, patience: int | None, progress: TrainingProgress | None) -> Tracker:
         if progress is None:
             return cls(metric, patience)
-        return cls(metric, patience, progress.best_value, progress.best_step, progress.evals_since_best)
+        return cls(metric, patience, progress.best_value, progress.best_step, progress.evals_since_best,
+                   progress.best_tie_loss)
 
-    def better(self, value: float) -> bool:
+    def better(self, metrics: dict[str, float]) -> bool:
+        value, loss = metrics[self.metric], metrics["eval_loss"]
         if self.best_value is None:
             return True
-        return value < self.best_value if self.metric == "eval_loss" else value > self.best_value
+        if self.metric == "eval_loss":
+            return value < self.best_value
+        return value > self.best_value or (value == self.best_value and loss < (self.best_loss or math.inf))
 
-    def update(self, step: int, value: float) -> bool:
-        """Record an evaluation; True when it is a new best (ties keep the earlier step)."""
-        if self.better(value):
-            self.best_value, self.best_step, self.since_best = value, step, 0
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Record an evaluation; True when it is a new best. An accuracy that ties the best counts as better
+        when its eval loss is lower (on a small eval split, accuracies tie often)."""
+        if self.better(metrics):
+            self.best_value, self.best_loss = metrics[self.metric], metrics["eval_loss"]
+            self.best_step, self.since_best = step, 0
             return True
         self.since_best += 1
         return False
@@ -60,7 +68,8 @@ class Tracker:
 
     def progress_fields(self) -> dict:
         """What a checkpoint's state.json stores of the tracker."""
-        return {"best_value": self.best_value, "best_step": self.best_step, "evals_since_best": self.since_best}
+        return {"best_value": self.best_value, "best_step": self.best_step, "evals_since_best": self.since_best,
+                "best_tie_loss": self.best_loss}
 
 
 def save_best(run_dir: Path, model: torch.nn.Module, step: int, metric: str, value: float, ranks: Ranks) -> None:

@@ -293,7 +293,7 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
     def evaluate() -> None:
         metrics = eval_metrics(objective, loop.eval_loader, acc)
         monitor.eval_done(step, metrics)
-        if tracker.update(step, metrics[tracker.metric]) and keep_best:
+        if tracker.update(step, metrics) and keep_best:
             save_best(Path(cfg.output_dir), model, step, tracker.metric, metrics[tracker.metric],
                       ranks_of(acc, sharded=False))
         if tracker.should_stop:

@@ -36,7 +36,7 @@ def test_small_data_gets_small_batches_and_several_passes():
     assert auto_accumulation(500, 2, 1).value == 4
     assert auto_accumulation(100_000, 8, 1).value == 4  # global batch 32
     assert auto_accumulation(100_000, 8, 8).value == 1
-    assert [auto_epochs(n).value for n in (100, 500, 1000, 5000)] == [3, 3, 2, 1]
+    assert [auto_epochs(n).value for n in (100, 300, 479, 1000, 5000)] == [3, 3, 2, 1, 1]
     assert auto_eval_steps(63).value == 16 and auto_eval_steps(2).value == 1
 
 
@@ -52,7 +52,7 @@ def test_resolve_replaces_only_auto_and_says_why():
     val = Choice("data.val_size", 25, "held out")
     cfg, choices = resolve(config(learning_rate=3e-4), 479, val, 1, None)
     assert cfg.train.learning_rate == 3e-4 and cfg.train.gradient_accumulation_steps == 1
-    assert cfg.train.num_train_epochs == 3 and cfg.data.val_size == 25
+    assert cfg.train.num_train_epochs == 2 and cfg.data.val_size == 25
     assert {c.key for c in choices} == {"data.val_size", "train.gradient_accumulation_steps", "train.num_train_epochs"}
     assert all(c.why for c in choices)
     # A resume keeps what the run started with, even if the rules would now say otherwise.
@@ -69,3 +69,22 @@ def test_short_answers_are_chosen_by_exact_match_long_ones_by_loss():
     assert auto_best_metric([1, 2, 3, 40]).value == "eval_exact_match"
     assert auto_best_metric([100, 200, 300]).value == "eval_loss"
     assert auto_best_metric([]).value == "eval_loss"
+
+
+def test_tracker_breaks_accuracy_ties_by_loss_and_counts_evaluations_since_the_best():
+    from instructkit.selection import Tracker
+
+    tracker = Tracker("eval_exact_match", patience=2)
+    assert tracker.update(1, {"eval_exact_match": 0.4, "eval_loss": 2.0})
+    assert tracker.update(2, {"eval_exact_match": 0.4, "eval_loss": 1.5})  # a tie with a lower loss moves the best
+    assert not tracker.update(3, {"eval_exact_match": 0.4, "eval_loss": 1.7})
+    assert not tracker.should_stop and tracker.best_step == 2
+    assert not tracker.update(4, {"eval_exact_match": 0.36, "eval_loss": 1.0})  # lower loss, worse accuracy
+    assert tracker.should_stop
+    by_loss = Tracker("eval_loss", patience=None)
+    assert by_loss.update(1, {"eval_loss": 2.0}) and not by_loss.update(2, {"eval_loss": 2.0})
+    assert not by_loss.should_stop
+    fields = tracker.progress_fields()
+    assert Tracker.resumed("eval_exact_match", 2, type("P", (), {
+        "best_value": fields["best_value"], "best_step": fields["best_step"],
+        "evals_since_best": fields["evals_since_best"], "best_tie_loss": fields["best_tie_loss"]})()) == tracker
