@@ -55,6 +55,7 @@ class TrainingProgress(BaseModel):
     best_step: int | None = Field(None, ge=0)
     evals_since_best: int = Field(0, ge=0)
     best_tie_loss: float | None = None
+    held_step: int | None = Field(None, ge=0)
 
 
 def read_progress(path: Path) -> TrainingProgress:

@@ -169,7 +169,8 @@ class TrainConfig(_Strict):
         "(answer tokens predicted); auto: eval_exact_match when eval answers are short (median <= 32 tokens), "
         "else eval_loss")
     early_stopping_patience: Union[Annotated[int, Field(ge=1)], None] = Field(
-        3, description="stop after this many evaluations without a better train.best_metric; null: never")
+        None, description="stop after this many evaluations without a better train.best_metric; null: never (on "
+        "small eval splits early stopping ends runs on noise)")
     save_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="when to checkpoint")
     save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints (save_strategy: steps)")
     save_total_limit: Union[int, None] = Field(2, ge=1, description="checkpoints kept; null keeps all")

@@ -114,8 +114,12 @@ def _hyperparameters(run_dir: Path) -> list[list[str]]:
     best = manifest.get("best") or {}
     if best.get("step") is not None:
         metric, value = next((k, v) for k, v in best.items() if k != "step")
-        held = (f"the best weights, step {best['step']} ({metric} {value:.4f})"
-                if manifest.get("final_weights") == "best" else f"the last weights, step {manifest.get('last_step')}")
+        step = manifest.get("held_step") or best["step"]
+        held = (f"the best weights, step {step} ({metric} {value:.4f})" if step == best["step"] else
+                f"the weights of step {step}, within one standard error of the best {metric} {value:.4f} "
+                f"(step {best['step']})")
+        if manifest.get("final_weights") != "best":
+            held = f"the last weights, step {manifest.get('last_step')}"
         early = f"; stopped early at step {manifest.get('last_step')}" if manifest.get("stopped_early") else ""
         rows.append(["final/", held + early, f"train.final_weights: {cfg['train'].get('final_weights')}"])
     return rows

@@ -27,8 +27,13 @@ BEST_DIR = "best"
 
 @dataclass
 class Tracker:
-    """The best value of the selection metric so far, its step, and evaluations since (for early stopping).
-    eval_loss is minimised; accuracies (eval_exact_match, eval_accuracy) are maximised."""
+    """The best value of the selection metric so far, its step, evaluations since (for early stopping), and
+    the step whose weights best/ holds. eval_loss is minimised; accuracies are maximised.
+
+    For an accuracy the held weights are those of the latest evaluation within one standard error of the
+    best (sqrt(p(1 - p) / n) over the n eval examples or tokens): on a small split an early spike is noise
+    more often than a better model, and later weights have trained longer. On the development suite the
+    strict best of a 25-row split picked step 30 of 120 (32.5% exact match on the test prompts)."""
 
     metric: str
     patience: int | None
@@ -36,13 +41,14 @@ class Tracker:
     best_step: int | None = None
     since_best: int = 0
     best_loss: float | None = None  # breaks ties of an accuracy, which moves in steps of 1 / eval examples
+    held_step: int | None = None  # the step whose weights best/ holds
 
     @classmethod
     def resumed(cls, metric: str, patience: int | None, progress: TrainingProgress | None) -> Tracker:
         if progress is None:
             return cls(metric, patience)
         return cls(metric, patience, progress.best_value, progress.best_step, progress.evals_since_best,
-                   progress.best_tie_loss)
+                   progress.best_tie_loss, progress.held_step)
 
     def better(self, metrics: dict[str, float]) -> bool:
         value, loss = metrics[self.metric], metrics["eval_loss"]
@@ -52,14 +58,26 @@ class Tracker:
             return value < self.best_value
         return value > self.best_value or (value == self.best_value and loss < (self.best_loss or math.inf))
 
+    def within_noise(self, metrics: dict[str, float]) -> bool:
+        """An accuracy within one standard error of the best: as good as far as this split can tell."""
+        if self.metric == "eval_loss" or self.best_value is None:
+            return False
+        n = metrics.get("n_examples" if self.metric == "eval_exact_match" else "n_tokens", 0)
+        error = math.sqrt(self.best_value * (1 - self.best_value) / n) if n else 0.0
+        return metrics[self.metric] >= self.best_value - error
+
     def update(self, step: int, metrics: dict[str, float]) -> bool:
-        """Record an evaluation; True when it is a new best. An accuracy that ties the best counts as better
-        when its eval loss is lower (on a small eval split, accuracies tie often)."""
+        """Record an evaluation; True when best/ should now hold this step's weights (a new best, or an
+        accuracy within noise of it). An accuracy that ties the best counts as better when its eval loss is
+        lower."""
         if self.better(metrics):
             self.best_value, self.best_loss = metrics[self.metric], metrics["eval_loss"]
-            self.best_step, self.since_best = step, 0
+            self.best_step, self.since_best, self.held_step = step, 0, step
             return True
         self.since_best += 1
+        if self.within_noise(metrics):
+            self.held_step = step
+            return True
         return False
 
     @property
@@ -69,7 +87,7 @@ class Tracker:
     def progress_fields(self) -> dict:
         """What a checkpoint's state.json stores of the tracker."""
         return {"best_value": self.best_value, "best_step": self.best_step, "evals_since_best": self.since_best,
-                "best_tie_loss": self.best_loss}
+                "best_tie_loss": self.best_loss, "held_step": self.held_step}
 
 
 def save_best(run_dir: Path, model: torch.nn.Module, step: int, metric: str, value: float, ranks: Ranks) -> None:

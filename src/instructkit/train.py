@@ -113,7 +113,8 @@ def eval_metrics(objective: torch.nn.Module, loader: Iterable[dict], accelerator
     out = {"eval_loss": float(total[0] / total[1].clamp(min=1))}
     if sums is not None:
         out |= {"eval_accuracy": float(total[2] / total[1].clamp(min=1)),
-                "eval_exact_match": float(total[4] / total[3].clamp(min=1))}
+                "eval_exact_match": float(total[4] / total[3].clamp(min=1)),
+                "n_tokens": float(total[1]), "n_examples": float(total[3])}  # for the noise of the accuracies
     return out
 
 
@@ -261,14 +262,16 @@ def keeps_best(cfg: RunConfig, run: Runtime) -> bool:
 
 def choose_final(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tracker: Tracker, step: int) -> dict:
     """Load the best weights into the model when final/ should hold them; what was chosen, for the manifest."""
-    out = {"best": {"step": tracker.best_step, tracker.metric: tracker.best_value}, "last_step": step,
-           "stopped_early": tracker.should_stop, "final_weights": "last"}
-    if tracker.best_step is None or not keeps_best(cfg, run) or tracker.best_step == step:
+    out = {"best": {"step": tracker.best_step, tracker.metric: tracker.best_value}, "held_step": tracker.held_step,
+           "last_step": step, "stopped_early": tracker.should_stop, "final_weights": "last"}
+    held = tracker.held_step
+    if held is None or not keeps_best(cfg, run) or held == step:
         return out
-    if not restore_best(Path(cfg.output_dir), model, tracker.best_step):
-        run.say(f"note: best/ does not hold step {tracker.best_step}; final/ holds the last weights")
+    if not restore_best(Path(cfg.output_dir), model, held):
+        run.say(f"note: best/ does not hold step {held}; final/ holds the last weights")
         return out
-    run.say(f"final/: the weights of step {tracker.best_step}, the best {tracker.metric} ({tracker.best_value:.4f}); "
+    why = "the best" if held == tracker.best_step else f"within noise of the best (step {tracker.best_step})"
+    run.say(f"final/: the weights of step {held}, {why} {tracker.metric} {tracker.best_value:.4f}; "
             f"training ended at step {step}")
     return {**out, "final_weights": "best"}
 

@@ -34,6 +34,7 @@ def steering_config(tiny_config, run, **train):
                        data={"eval_file": yaml.safe_load(tiny_config().read_text())["data"]["train_file"]},
                        train={"per_device_train_batch_size": 2, "max_steps": 10, "eval_steps": 1, "save_strategy": "steps",
                               "save_steps": 1, "save_total_limit": None, "logging_steps": 1, "best_metric": "eval_loss",
+                              "early_stopping_patience": 3,
                               **train})
 
 

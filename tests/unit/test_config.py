@@ -21,7 +21,7 @@ def test_defaults_are_chosen_for_results_not_copied_from_the_7b_recipe(tmp_path)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.0, "all-linear")
     tc = cfg.train
     assert (tc.gradient_accumulation_steps, tc.learning_rate, tc.num_train_epochs, tc.eval_steps) == ("auto",) * 4
-    assert cfg.data.val_size == "auto" and tc.final_weights == "best" and tc.early_stopping_patience == 3
+    assert cfg.data.val_size == "auto" and tc.final_weights == "best" and tc.early_stopping_patience is None
     # The article's recipe stays available as a shipped config, with its own values.
     article = load_config(Path(__file__).parents[2] / "configs/llama2-7b-lora.yaml")
     assert (article.lora.r, article.lora.target_modules, article.train.gradient_accumulation_steps) == (

@@ -77,8 +77,8 @@ def test_tracker_breaks_accuracy_ties_by_loss_and_counts_evaluations_since_the_b
     tracker = Tracker("eval_exact_match", patience=2)
     assert tracker.update(1, {"eval_exact_match": 0.4, "eval_loss": 2.0})
     assert tracker.update(2, {"eval_exact_match": 0.4, "eval_loss": 1.5})  # a tie with a lower loss moves the best
-    assert not tracker.update(3, {"eval_exact_match": 0.4, "eval_loss": 1.7})
-    assert not tracker.should_stop and tracker.best_step == 2
+    assert tracker.update(3, {"eval_exact_match": 0.4, "eval_loss": 1.7})  # held (a tie), but not a new best
+    assert not tracker.should_stop and (tracker.best_step, tracker.held_step, tracker.since_best) == (2, 3, 1)
     assert not tracker.update(4, {"eval_exact_match": 0.36, "eval_loss": 1.0})  # lower loss, worse accuracy
     assert tracker.should_stop
     by_loss = Tracker("eval_loss", patience=None)
@@ -87,4 +87,21 @@ def test_tracker_breaks_accuracy_ties_by_loss_and_counts_evaluations_since_the_b
     fields = tracker.progress_fields()
     assert Tracker.resumed("eval_exact_match", 2, type("P", (), {
         "best_value": fields["best_value"], "best_step": fields["best_step"],
-        "evals_since_best": fields["evals_since_best"], "best_tie_loss": fields["best_tie_loss"]})()) == tracker
+        "evals_since_best": fields["evals_since_best"], "best_tie_loss": fields["best_tie_loss"],
+        "held_step": fields["held_step"]})()) == tracker
+
+
+def test_the_latest_accuracy_within_one_standard_error_of_the_best_is_held():
+    from instructkit.selection import Tracker
+
+    tracker = Tracker("eval_exact_match", patience=None)
+    n = {"n_examples": 25, "n_tokens": 100}
+    assert tracker.update(30, {"eval_exact_match": 0.52, "eval_loss": 1.2, **n})  # a spike on 25 examples
+    assert tracker.update(90, {"eval_exact_match": 0.44, "eval_loss": 1.4, **n})  # 0.52 - 0.10 <= 0.44: noise
+    assert not tracker.update(105, {"eval_exact_match": 0.36, "eval_loss": 1.3, **n})  # clearly worse
+    assert (tracker.best_step, tracker.held_step, tracker.since_best) == (30, 90, 2)
+    assert tracker.update(120, {"eval_exact_match": 0.60, "eval_loss": 1.5, **n})
+    assert (tracker.best_step, tracker.held_step) == (120, 120)
+    strict = Tracker("eval_exact_match", patience=None)  # without a count there is no noise estimate
+    strict.update(1, {"eval_exact_match": 0.5, "eval_loss": 1.0})
+    assert not strict.update(2, {"eval_exact_match": 0.45, "eval_loss": 1.0}) and strict.held_step == 1
