@@ -10,7 +10,7 @@ TORCH_INDEX_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 DEMO_STAMP := $(VENV)/.demo-stamp
 
-.PHONY: install demo test test-fast test-gpu bench readme-reference clean
+.PHONY: install demo test test-fast test-gpu bench bench-quality readme-reference clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,12 @@ bench: install
 	    --methods lora --repeats 3 --out bench/results-lora
 	$(PY) bench/bench.py --variants seed,trl,instructkit,instructkit-grouped --methods full --repeats 3 \
 	    --out bench/results-full
+
+# Quality side by side on the development suite (bench/quality_tasks.py): the untuned model, TRL with the
+# article's adapter, instructkit with a three-line config, and a 3-trial sweep (about an hour on 2 CPU cores).
+bench-quality: install
+	$(PIP) install -e ".[bench]"
+	$(PY) bench/quality.py --variants trl instructkit sweep --trials 3 --out bench/results-quality
 
 # Rewrite the README's config reference from the pydantic models (a test checks they agree).
 readme-reference: install
