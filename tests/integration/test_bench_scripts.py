@@ -15,3 +15,20 @@ def test_gpu_benchmark_smoke_runs_on_cpu():
     results = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("JSON "))[5:])
     assert [r["method"] for r in results] == ["full", "lora"]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in results)
+
+
+def test_quality_suite_is_deterministic_and_keeps_entities_apart(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quality_tasks import TASKS, build
+
+    counts = build(tmp_path / "a")
+    build(tmp_path / "b")
+    assert counts == {"train": 504, "test": 200, "tasks": len(TASKS)}
+    for name in ("train.jsonl", "test.jsonl"):  # the same rows on every build
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    rows = {split: [json.loads(x) for x in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
+            for split in ("train", "test")}
+    assert all(r["instruction"] and r["input"] and r["output"] and r["task"] in TASKS for r in rows["train"])
+    for task in TASKS:  # no held-out prompt was trained on
+        seen = {(r["instruction"], r["input"]) for r in rows["train"] if r["task"] == task}
+        assert not [r for r in rows["test"] if r["task"] == task and (r["instruction"], r["input"]) in seen]
