@@ -153,7 +153,8 @@ def split_task(name: str, seed: int) -> tuple[list[dict], list[dict]]:
             continue
         entities = row["key"].split("-") if name == "larger_code" else [row["key"]]
         for entity in entities:
-            home.setdefault(entity, "test" if rng.random() < TEST_PER_TASK / (TRAIN_PER_TASK + TEST_PER_TASK) else "train")
+            share = TEST_PER_TASK / (TRAIN_PER_TASK + TEST_PER_TASK)
+            home.setdefault(entity, "test" if rng.random() < share else "train")
         splits = {home[e] for e in entities}
         split = splits.pop()
         if splits or len(rows[split]) >= wanted[split]:

@@ -35,7 +35,8 @@ def _cmd_train(args) -> int:
     if cfg.eval.generate:
         from instructkit.evaluate import evaluate_run, format_results
 
-        print(format_results(evaluate_run(run_dir, cfg)))
+        # the run's own config.yaml: what every `auto` resolved to (the held-out split above all)
+        print(format_results(evaluate_run(run_dir, load_config(run_dir / "config.yaml"))))
     print(f"run directory: {run_dir}")
     return EXIT_OK
 
@@ -55,8 +56,8 @@ def _cmd_validate(args) -> int:
 
     from instructkit.config import load_config
     from instructkit.data.pipeline import check_rows
-    from instructkit.distributed import check_distributed
     from instructkit.data.templates import resolve_template
+    from instructkit.distributed import check_distributed
     from instructkit.models import check_runtime, load_config_tokenizer, locate_model
     from instructkit.rundir import plan_run_dir
 

@@ -156,6 +156,13 @@ def resolve_eval(cfg: RunConfig, steps_per_epoch: int, answer_tokens: list[int],
     return cfg, choices
 
 
+def keep_split(cfg: RunConfig, previous: dict | None) -> RunConfig:
+    """`data.val_size: auto` as the resumed run resolved it, so resuming never moves rows between the
+    training and held-out sets (the data or an eval_file may have changed since)."""
+    old = _get_dict(previous, "data.val_size", missing=AUTO)
+    return cfg if cfg.data.val_size != AUTO or old == AUTO else _set(cfg, "data.val_size", old)
+
+
 def _get_dict(data: dict | None, key: str, missing: Any = None) -> Any:
     section, name = key.split(".")
     return ((data or {}).get(section) or {}).get(name, missing)

@@ -170,7 +170,11 @@ def held_out_rows(cfg: RunConfig) -> list[dict]:
     resolved = resolve_sources(specs, "data.eval_file" if cfg.data.eval_specs else "data.train_file")
     conversations, _, _, _ = read_conversations(specs, resolved, cfg.data, cfg.seed)
     if not cfg.data.eval_specs:
-        _, conversations = split_off(conversations, cfg.data.val_size, cfg.seed)
+        from instructkit.defaults import auto_val_size
+
+        # `auto` resolved as training resolved it
+        size = auto_val_size(cfg.data.val_size, len(conversations), False).value
+        _, conversations = split_off(conversations, size, cfg.seed)
     tasks = {r.where: str(r.data.get("task", "all")) for i, res in enumerate(resolved) for r in read_resolved(res, i)[0]}
     return [{"conversation": c, "messages": c.messages[:-1], "reference": c.messages[-1].content,
              "task": tasks.get(c.where, "all"), "where": c.where} for c in conversations[: cfg.eval.max_samples]]

@@ -41,7 +41,9 @@ class SupervisedLoss(torch.nn.Module):
         self.__dict__["_run"] = torch.compile(target, dynamic=True) if compile else target
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, sums: bool = False) -> torch.Tensor:
+        if sums:  # through forward, so FSDP's root hook gathers the embeddings and head for it too
+            return self.eval_sums(input_ids, labels, attention_mask, position_ids)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         targets = labels[:, 1:]

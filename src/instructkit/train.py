@@ -22,7 +22,7 @@ from instructkit.config import RunConfig
 from instructkit.data.pipeline import describe_data
 from instructkit.data.templates import stop_token_ids
 from instructkit.defaults import describe as describe_choices
-from instructkit.defaults import resolve_eval
+from instructkit.defaults import keep_split, resolve_eval
 from instructkit.distributed import agreed_signal, full_weights, leave_process_group, no_sync, ranks_of
 from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.files import atomic_path, write_json
@@ -91,27 +91,29 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def eval_metrics(objective: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator) -> dict[str, float]:
+def eval_metrics(objective: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator,
+                 loss_fn: torch.nn.Module | None = None) -> dict[str, float]:
     """Over the whole eval set, summed over processes: eval_loss (per supervised token), and where the
     objective can say (SupervisedLoss.eval_sums) eval_accuracy (tokens) and eval_exact_match (examples
     teacher-forced decoding gets entirely right)."""
     import torch
 
-    sums = getattr(objective, "eval_sums", None)
+    sums = hasattr(objective, "eval_sums")
+    loss_fn = loss_fn or objective  # the wrapped objective (DDP, FSDP root), called through its forward
     total = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
-    objective.eval()
+    loss_fn.eval()
     with torch.no_grad():
         for batch in loader:
             on_device = to_device(batch, accelerator.device)
-            if sums is not None:
-                total += sums(**on_device).double()
+            if sums:
+                total += loss_fn(**on_device, sums=True).double()
             else:
-                total[0] += loss_sum(objective, on_device).double()
+                total[0] += loss_sum(loss_fn, on_device).double()
                 total[1] += objective.count(batch)
-    objective.train()
+    loss_fn.train()
     total = accelerator.reduce(total, "sum")
     out = {"eval_loss": float(total[0] / total[1].clamp(min=1))}
-    if sums is not None:
+    if sums:
         out |= {"eval_accuracy": float(total[2] / total[1].clamp(min=1)),
                 "eval_exact_match": float(total[4] / total[3].clamp(min=1)),
                 "n_tokens": float(total[1]), "n_examples": float(total[3])}  # for the noise of the accuracies
@@ -203,6 +205,7 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     """The run itself, in the directory this process owns: set-up steps, the loop, final/ and the manifest."""
     started = now()
     check_runtime(cfg.model)  # refuse what this machine cannot run before tokenizing anything
+    cfg = keep_split(cfg, previous_config(plan_dir))  # a resumed run trains on the rows it started with
     model_path, tokenizer, data = setup_data(cfg)
     cfg, choices = setup_recipe(cfg, data, plan_dir)  # every `auto` resolved from data, model and processes
     run = setup_runtime(cfg)
@@ -213,7 +216,8 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     run.say(describe_model(model, model_path, run.plan))
     objective = SupervisedLoss(model, compile=cfg.train.compile)
     loop = setup_loop(cfg, run, objective, model, tokenizer, data)
-    cfg, more = resolve_eval(cfg, loop.steps_per_epoch, [e.n_supervised for e in data.eval], previous_config(plan_dir))
+    cfg, more = resolve_eval(cfg, min(loop.steps_per_epoch, loop.total_steps), [e.n_supervised for e in data.eval],
+                             previous_config(plan_dir))
     if choices := choices + more:
         run.say(describe_choices(choices))
     run.say(describe_loop(cfg, run, loop))
@@ -265,8 +269,12 @@ def choose_final(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tracker: 
     out = {"best": {"step": tracker.best_step, tracker.metric: tracker.best_value}, "held_step": tracker.held_step,
            "last_step": step, "stopped_early": tracker.should_stop, "final_weights": "last"}
     held = tracker.held_step
-    if held is None or not keeps_best(cfg, run) or held == step:
+    if cfg.train.final_weights == "best" and not keeps_best(cfg, run):
+        run.say("note: under distributed: deepspeed final/ holds the last weights (best weights are not tracked)")
+    if held is None or not keeps_best(cfg, run):
         return out
+    if held == step:
+        return {**out, "final_weights": "best"}
     if not restore_best(Path(cfg.output_dir), model, held):
         run.say(f"note: best/ does not hold step {held}; final/ holds the last weights")
         return out
@@ -294,7 +302,7 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
                                tc.save_total_limit, ranks)
 
     def evaluate() -> None:
-        metrics = eval_metrics(objective, loop.eval_loader, acc)
+        metrics = eval_metrics(objective, loop.eval_loader, acc, loop.loss_fn)
         monitor.eval_done(step, metrics)
         if tracker.update(step, metrics) and keep_best:
             save_best(Path(cfg.output_dir), model, step, tracker.metric, metrics[tracker.metric],

@@ -32,7 +32,8 @@ def scripted_eval(monkeypatch, start: int = 0) -> list[int]:
 def steering_config(tiny_config, run, **train):
     return tiny_config(output_dir=str(run), lora={"dropout": 0.1},
                        data={"eval_file": yaml.safe_load(tiny_config().read_text())["data"]["train_file"]},
-                       train={"per_device_train_batch_size": 2, "max_steps": 10, "eval_steps": 1, "save_strategy": "steps",
+                       train={"per_device_train_batch_size": 2, "max_steps": 10, "eval_steps": 1,
+                              "save_strategy": "steps",
                               "save_steps": 1, "save_total_limit": None, "logging_steps": 1, "best_metric": "eval_loss",
                               "early_stopping_patience": 3,
                               **train})
@@ -114,7 +115,8 @@ def test_auto_resolves_from_the_data_and_is_written_down(tiny_config, tmp_path, 
     data = write_jsonl(tmp_path / "many.jsonl", rows)
     run = tmp_path / "run"
     config = tiny_config(output_dir=str(run), data={"train_file": str(data)},
-                         train={"learning_rate": "auto", "gradient_accumulation_steps": "auto", "max_steps": 3})
+                         train={"learning_rate": "auto", "gradient_accumulation_steps": "auto", "max_steps": 3},
+                         eval={"generate": True, "baseline": False, "max_samples": 4, "max_new_tokens": 4})
     assert main(["train", str(config)]) == 0
     out = capsys.readouterr().out
     resolved = manifest(run)["resolved"]
@@ -128,6 +130,7 @@ def test_auto_resolves_from_the_data_and_is_written_down(tiny_config, tmp_path, 
     assert evals and all(0 <= m["eval_exact_match"] <= m["eval_accuracy"] + 1e-9 <= 1 + 1e-9 for m in evals)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["learning_rate"] == 1e-3 and saved["data"]["val_size"] == 20
+    assert json.loads((run / "eval/eval.json").read_text())["tuned"]["n"] == 4  # scored on the automatic split
     assert "auto (resolved at start" in out and "  data.val_size = 20: 20 of 240 rows held out" in out
     assert "  train.learning_rate = 0.001: LoRA" in out
     assert main(["report", str(run)]) == 0

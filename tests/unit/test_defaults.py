@@ -6,11 +6,11 @@ from instructkit.config import RunConfig
 from instructkit.defaults import (
     Choice,
     auto_accumulation,
+    auto_best_metric,
     auto_epochs,
     auto_eval_steps,
     auto_learning_rate,
     auto_val_size,
-    auto_best_metric,
     resolve,
     resolve_eval,
 )
@@ -105,3 +105,11 @@ def test_the_latest_accuracy_within_one_standard_error_of_the_best_is_held():
     strict = Tracker("eval_exact_match", patience=None)  # without a count there is no noise estimate
     strict.update(1, {"eval_exact_match": 0.5, "eval_loss": 1.0})
     assert not strict.update(2, {"eval_exact_match": 0.45, "eval_loss": 1.0}) and strict.held_step == 1
+
+
+def test_a_resumed_run_keeps_its_held_out_split():
+    from instructkit.defaults import keep_split
+
+    assert keep_split(config(), {"data": {"val_size": 25}}).data.val_size == 25
+    assert keep_split(config(), {"data": {"val_size": 0.0}}).data.val_size == 0  # a run from before auto
+    assert keep_split(config(), None).data.val_size == "auto"
