@@ -310,6 +310,9 @@ def job_exit_code(launcher_code: int, codes: dict[int, int], ranks: list[int], s
         return 2
     if signalled and not failed:
         return 130 if signalled[0] == 2 else 128 + signalled[0]
+    stops = [codes[r] for r in ranks if codes.get(r) in (130, 143)]
+    if stops and not missing and not failed:  # every rank stopped on a signal this process did not see (it
+        return stops[0]                       # reached torchrun's agent first, which then exits 1)
     parts = []
     if missing:
         parts.append(f"rank(s) {missing} died without an exit code (killed by a signal, e.g. out of memory)")

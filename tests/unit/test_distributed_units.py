@@ -75,6 +75,9 @@ def test_job_exit_code_names_failed_ranks(capsys):
     assert job_exit_code(1, {0: 2, 1: 2}, range(2), []) == 2
     assert job_exit_code(1, {0: 130, 1: 130}, range(2), [2]) == 130
     assert job_exit_code(1, {0: 143, 1: 143}, range(2), [15]) == 143
+    # every rank stopped on SIGINT, which reached torchrun's agent (exit 1) before this process saw it
+    assert job_exit_code(1, {0: 130, 1: 130}, range(2), []) == 130
+    assert job_exit_code(1, {0: 130}, range(2), []) == 1  # rank 1 died without a code
 
 
 def test_launch_command_runs_this_cli_through_torchrun():
