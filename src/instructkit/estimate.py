@@ -75,8 +75,8 @@ def model_shape(cfg: RunConfig) -> Shape:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return Shape(total=total, not_quantized=total - linear, largest_unit=max(units, default=total), lora=adapter, lora_inputs=lora_inputs,
-                 lora_shared_inputs=lora_shared_inputs,
+    return Shape(total=total, not_quantized=total - linear, largest_unit=max(units, default=total), lora=adapter,
+                 lora_inputs=lora_inputs, lora_shared_inputs=lora_shared_inputs,
                  layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
                  kv_dim=getattr(text, "num_key_value_heads", heads) * head_dim, heads=heads, vocab=text.vocab_size)
 
