@@ -113,12 +113,19 @@ def resolve(cfg: RunConfig, n_train: int, val: Choice, world: int, n_params: int
         "train.num_train_epochs": lambda: auto_epochs(n_train),
         "train.learning_rate": lambda: auto_learning_rate(cfg.method, n_params),
     }
-    choices = [val] if cfg.data.val_size == AUTO else []
+    return _apply(cfg, rules, previous, [val] if cfg.data.val_size == AUTO else [])
+
+
+def _apply(cfg: RunConfig, rules: dict, previous: dict | None,
+           choices: list[Choice] | None = None) -> tuple[RunConfig, list[Choice]]:
+    """Resolve each key still `auto` by its rule, or to what the resumed run's config.yaml holds (a run from
+    before the key existed resolves it anew), and set the results."""
+    choices = list(choices or [])
     for key, rule in rules.items():
         if _get(cfg, key) != AUTO:
             continue
-        old = _get_dict(previous, key)
-        choices.append(Choice(key, old, "as resolved when this run started") if old not in (None, AUTO) else rule())
+        old = _get_dict(previous, key, missing=AUTO)
+        choices.append(Choice(key, old, "as resolved when this run started") if old != AUTO else rule())
     for choice in choices:
         cfg = _set(cfg, choice.key, choice.value)
     return cfg, choices
@@ -145,15 +152,7 @@ def resolve_eval(cfg: RunConfig, steps_per_epoch: int, answer_tokens: list[int],
     rules = {"train.eval_steps": lambda: auto_eval_steps(steps_per_epoch) if answer_tokens
              else Choice("train.eval_steps", None, "no eval data"),
              "train.best_metric": lambda: auto_best_metric(answer_tokens)}
-    choices = []
-    for key, rule in rules.items():
-        if _get(cfg, key) != AUTO:
-            continue
-        old = _get_dict(previous, key, missing=AUTO)  # a run from before the key existed resolves it anew
-        choices.append(Choice(key, old, "as resolved when this run started") if old != AUTO else rule())
-    for choice in choices:
-        cfg = _set(cfg, choice.key, choice.value)
-    return cfg, choices
+    return _apply(cfg, rules, previous)
 
 
 def keep_split(cfg: RunConfig, previous: dict | None) -> RunConfig:
