@@ -65,7 +65,9 @@ IGNORE = -100
 TEMPLATE_BUILTINS = ("alpaca", "alpaca_short", "chatml", "llama3", "plain")
 TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2")
 
-Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+Format = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference"]
+# Objectives that train on preference pairs (a chosen and a rejected answer to one prompt).
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
 
 
 class DatasetSpec(_Strict):
@@ -204,6 +206,16 @@ class DistributedConfig(_Strict):
         "zero2", description="builtin zero2 | zero3 | zero3-offload, or the path of a DeepSpeed JSON config")
 
 
+class PreferenceConfig(_Strict):
+    beta: Union[Literal["auto"], Annotated[float, Field(gt=0)]] = Field(
+        "auto", description="strength of the preference term; auto: 0.1 for dpo (the DPO paper) and orpo "
+        "(the ORPO paper's lambda), 2.0 for simpo (the SimPO paper's range)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo and simpo: the assumed share of pairs whose labels are flipped "
+        "(conservative DPO); 0 is the plain loss")
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin")
+
+
 class EvalConfig(_Strict):
     generate: bool = Field(
         False, description="after training, generate for the eval data and score exact match and ROUGE-L")
@@ -218,6 +230,10 @@ class RunConfig(_Strict):
     seed: int = Field(42, description="seed for data order, dropout and initialisation")
     model: ModelConfig
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tuning")
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+        "sft", description="sft: supervised on demonstrations; dpo, orpo, simpo: preference tuning on pairs "
+        "{prompt, chosen, rejected} (dpo against the starting model as reference; orpo and simpo need none)")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
