@@ -135,14 +135,24 @@ def rename_columns(row: dict, columns: dict[str, str] | None) -> dict:
 
 
 def detect_format(row: dict, where: str) -> str:
-    """The format whose identifying keys the row has."""
+    """The format whose identifying keys the row has. Preference pairs (`chosen` and `rejected`) are checked
+    first; a row that also has another format's keys could be either, so it is not guessed."""
+    if {"chosen", "rejected"} <= set(row):
+        others = [name for name, keys in SIGNATURES if keys <= set(row)]
+        if others:
+            raise user_error(
+                f"the row has the preference keys chosen/rejected and the keys of the {others[0]} format "
+                f"({sorted(row)}), so its format cannot be told", where,
+                f"set data.format (preference or {others[0]}), or drop the other keys with data.columns")
+        return "preference"
     for name, keys in SIGNATURES:
         if keys <= set(row):
             return name
     raise user_error(
         f"cannot tell the data format from the keys {sorted(row)}", where,
         "set data.format, or use the keys of one format (alpaca: instruction/output; sharegpt: conversations; "
-        "messages: messages; prompt_completion: prompt/completion; text: text), or map yours with data.columns")
+        "messages: messages; prompt_completion: prompt/completion; text: text; preference: chosen/rejected with an "
+        "optional prompt), or map yours with data.columns")
 
 
 def to_messages(row: dict, fmt: str) -> tuple[Message, ...]:
@@ -153,7 +163,12 @@ def to_messages(row: dict, fmt: str) -> tuple[Message, ...]:
 
 
 def prompt_messages(row: dict) -> tuple[Message, ...]:
-    """The prompt of a row for generation: alpaca instruction (+ input, system), or a plain `prompt`."""
+    """The prompt of a row for generation: alpaca instruction (+ input, system), a preference pair's prompt,
+    or a plain `prompt`."""
+    if "chosen" in row and "rejected" in row and "instruction" not in row:
+        from instructkit.data.preference import to_pair  # preference builds on this module
+
+        return to_pair(row).prompt
     if "instruction" in row:
         return _system(row) + (Message("user", _text(row, "instruction", True), _text(row, "input", False) or None),)
     if "prompt" in row:

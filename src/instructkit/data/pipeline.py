@@ -17,26 +17,53 @@ from filelock import FileLock
 
 from instructkit.config import DataConfig, DatasetSpec, instructkit_home
 from instructkit.data.formats import Conversation
+from instructkit.data.preference import PairConversation, PairExample, split_pairs, to_pair_examples
 from instructkit.data.sources import BadRow, Resolved, apply_weight, read_resolved, resolve_source
 from instructkit.data.templates import Template, resolve_template
 from instructkit.data.tokenize import Example, fit_length, tokenize_conversations
 from instructkit.data.validate import BadRowReport, convert_records, enforce
 from instructkit.defaults import auto_val_size
-from instructkit.errors import UserError
+from instructkit.errors import UserError, user_error
 from instructkit.files import atomic_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CACHE_FORMAT = 4  # 3: user text spelling a special token is tokenized as plain text; 4: stats record val_size
+# 3: user text spelling a special token is tokenized as plain text; 4: stats record val_size; 5: preference pairs
+# (train-chosen/train-rejected example sets, stats["kind"])
+CACHE_FORMAT = 5
 
 
 @dataclass
 class Datasets:
-    train: list[Example]
-    eval: list[Example]
+    """Tokenized train and eval sets: `Example`s, or `PairExample`s when stats["kind"] is "preference"."""
+
+    train: list[Example] | list[PairExample]
+    eval: list[Example] | list[PairExample]
     template: Template
     stats: dict = field(default_factory=dict)
+
+
+def data_kind(formats: dict[str, str], split: str) -> str:
+    """The kind of a split: "preference" when its sources are preference pairs, else "sft"; both is an error,
+    since a batch is either pairs for a preference objective or examples for supervised tuning."""
+    pairs = sorted(name for name, fmt in formats.items() if fmt == "preference")
+    if pairs and len(pairs) < len(formats):
+        others = sorted(f"{name} ({fmt})" for name, fmt in formats.items() if fmt != "preference")
+        raise user_error(f"the {split} data mixes preference pairs ({', '.join(pairs)}) with other rows "
+                         f"({', '.join(others)})", f"data.{split}_file",
+                         "train on preference pairs and on demonstrations in separate runs (a preference run can "
+                         "start from the supervised one), or set the format of each source")
+    return "preference" if pairs else "sft"
+
+
+def check_kinds(train_kind: str, eval_kind: str, train_formats: dict, eval_formats: dict) -> None:
+    """Eval data must be of the kind training uses: its loss is the same objective's."""
+    if train_kind != eval_kind:
+        raise user_error(f"the train data is {train_kind} ({', '.join(train_formats)}) but the eval data is "
+                         f"{eval_kind} ({', '.join(eval_formats)})", "data.eval_file",
+                         "give eval data of the same kind: preference pairs for a preference run, demonstrations "
+                         "for supervised tuning")
 
 
 def resolve_sources(specs: list[DatasetSpec], key: str) -> list[Resolved]:
@@ -61,13 +88,16 @@ def read_conversations(specs: list[DatasetSpec], resolved: list[Resolved], data_
     return conversations, report, {specs[i].path: fmt for i, fmt in sorted(chosen.items())}, dict(per_format)
 
 
-def split_off(conversations: list[Conversation], val_size: float, seed: int
-              ) -> tuple[list[Conversation], list[Conversation]]:
-    """A seeded held-out split: a fraction < 1, or a row count >= 1."""
+def split_off(conversations: list[Conversation] | list[PairConversation], val_size: float, seed: int
+              ) -> tuple[list, list]:
+    """A seeded held-out split: a fraction < 1, or a row count >= 1. Pairs are split by prompt (all pairs of a
+    prompt on one side), so a held-out prompt is never trained on."""
     n_eval = int(round(len(conversations) * val_size)) if val_size < 1 else int(val_size)
     if not 1 <= n_eval < len(conversations):
         raise UserError(f"data.val_size={val_size} leaves {n_eval} of {len(conversations)} rows for eval. "
                         "Fix: choose a size that keeps at least one row on each side.")
+    if isinstance(conversations[0], PairConversation):
+        return split_pairs(conversations, n_eval, seed)
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
@@ -111,7 +141,7 @@ def cache_key(resolved: list[Resolved], tokenizer: PreTrainedTokenizerBase, temp
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _save_examples(path: Path, examples: list[Example]) -> None:
+def _save_examples(path: Path, examples: list[Example]) -> None:  # path has no suffix: one is added
     import torch
     from safetensors.torch import save_file
 
@@ -135,12 +165,28 @@ def _load_examples(path: Path) -> list[Example]:
     return out
 
 
+def _save_split(directory: Path, name: str, examples: list, kind: str) -> None:
+    """Examples as NAME.*; pairs as NAME-chosen.* and NAME-rejected.*, row i of each being pair i."""
+    if kind != "preference":
+        _save_examples(directory / name, examples)
+        return
+    _save_examples(directory / f"{name}-chosen", [p.chosen for p in examples])
+    _save_examples(directory / f"{name}-rejected", [p.rejected for p in examples])
+
+
+def _load_split(directory: Path, name: str, kind: str) -> list:
+    if kind != "preference":
+        return _load_examples(directory / name)
+    chosen, rejected = _load_examples(directory / f"{name}-chosen"), _load_examples(directory / f"{name}-rejected")
+    return [PairExample(c, r, c.where) for c, r in zip(chosen, rejected)]
+
+
 def save_cache(directory: Path, data: Datasets) -> None:
     """Written beside, then renamed: a reader never sees a half-written cache entry."""
     with atomic_path(directory, keep_existing=True) as tmp:  # another process may have written it first
         tmp.mkdir(parents=True)
-        _save_examples(tmp / "train", data.train)
-        _save_examples(tmp / "eval", data.eval)
+        for name, examples in (("train", data.train), ("eval", data.eval)):
+            _save_split(tmp, name, examples, data.stats["kind"])
         (tmp / "stats.json").write_text(json.dumps(data.stats))
 
 
@@ -148,8 +194,8 @@ def load_cache(directory: Path, template: Template) -> Datasets | None:
     if not (directory / "stats.json").is_file():
         return None
     stats = json.loads((directory / "stats.json").read_text())
-    return Datasets(_load_examples(directory / "train"), _load_examples(directory / "eval"), template,
-                    {**stats, "cache": "hit"})
+    train, evals = (_load_split(directory, name, stats["kind"]) for name in ("train", "eval"))
+    return Datasets(train, evals, template, {**stats, "cache": "hit"})
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Datasets:
@@ -176,19 +222,22 @@ def _build(data_cfg: DataConfig, seed: int, train_specs, eval_specs, train_src, 
            template: Template) -> Datasets:
     train_conv, train_report, formats, format_counts = read_conversations(train_specs, train_src, data_cfg, seed)
     enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
+    kind = data_kind(formats, "train")
     eval_conv, eval_report = [], BadRowReport()
     if eval_specs:
         eval_conv, eval_report, eval_formats, _ = read_conversations(eval_specs, eval_src, data_cfg, seed)
+        check_kinds(kind, data_kind(eval_formats, "eval"), formats, eval_formats)
         formats.update(eval_formats)
         enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
     val = auto_val_size(data_cfg.val_size, len(train_conv), bool(eval_specs))
     if not eval_specs and val.value > 0:
         train_conv, eval_conv = split_off(train_conv, val.value, seed)
 
-    train, bad, train_stats = to_examples(train_conv, tokenizer, template, data_cfg)
+    tokenize = to_pair_examples if kind == "preference" else to_examples
+    train, bad, train_stats = tokenize(train_conv, tokenizer, template, data_cfg)
     train_report.bad += bad
     enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
-    evals, bad, eval_stats = to_examples(eval_conv, tokenizer, template, data_cfg) if eval_conv else ([], [], {})
+    evals, bad, eval_stats = tokenize(eval_conv, tokenizer, template, data_cfg) if eval_conv else ([], [], {})
     eval_report.bad += bad
     enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
     if not train:
@@ -196,7 +245,8 @@ def _build(data_cfg: DataConfig, seed: int, train_specs, eval_specs, train_src, 
                         f"{train_stats['dropped']} dropped as longer than data.max_length={data_cfg.max_length} "
                         f"tokens, {len(train_report.bad)} bad. Fix: raise data.max_length or check the data.")
     hashes = {k: v for r in train_src + eval_src for k, v in r.file_hashes.items()}
-    stats = {"formats": formats, "format_counts": format_counts, "template": template.name, "data_files": hashes, "train": train_stats, "eval": eval_stats,
+    stats = {"kind": kind, "formats": formats, "format_counts": format_counts, "template": template.name,
+             "data_files": hashes, "train": train_stats, "eval": eval_stats,
              "bad_rows": {"train": train_report.to_json(), "eval": eval_report.to_json()},
              "cache": "miss" if data_cfg.cache else "off", "val_size": {"value": val.value, "why": val.why}}
     return Datasets(train, evals, template, stats)
@@ -204,15 +254,20 @@ def _build(data_cfg: DataConfig, seed: int, train_specs, eval_specs, train_src, 
 
 def check_rows(data_cfg: DataConfig, seed: int) -> str:
     """Read and check every row without a tokenizer (for `validate`); a one-line summary, or UserError."""
-    parts = []
+    parts, kinds = [], {}
     for split, specs, key in (("train", data_cfg.train_specs, "data.train_file"),
                               ("eval", data_cfg.eval_specs, "data.eval_file")):
         if not specs:
             continue
         conversations, report, formats, _ = read_conversations(specs, resolve_sources(specs, key), data_cfg, seed)
+        kinds[split] = (data_kind(formats, split), formats)
         enforce(report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, split)
         skipped = f", {len(report.bad)} bad rows to skip" if report.bad else ""
-        parts.append(f"{len(conversations)} {split} rows{skipped} ({', '.join(f'{k}: {v}' for k, v in formats.items())})")
+        rows = "pairs" if kinds[split][0] == "preference" else "rows"
+        chosen = ", ".join(f"{k}: {v}" for k, v in formats.items())
+        parts.append(f"{len(conversations)} {split} {rows}{skipped} ({chosen})")
+    if "eval" in kinds:
+        check_kinds(kinds["train"][0], kinds["eval"][0], kinds["train"][1], kinds["eval"][1])
     return "; ".join(parts)
 
 
@@ -224,4 +279,5 @@ def describe_data(data: Datasets, max_length: int) -> str:
     return (f"data: format {formats}; template {st['template']}; {st['train']['rows']} train rows, "
             f"{len(data.train)} kept, {st['train']['dropped']} dropped and {st['train']['truncated']} truncated "
             f"over max_length={max_length}" + (f", {bad} bad rows skipped (see data_report.json)" if bad else "")
-            + f"; {len(data.eval)} eval examples; tokenized data cache: {st['cache']}")
+            + f"; {len(data.eval)} eval {'pairs' if st.get('kind') == 'preference' else 'examples'}; "
+            f"tokenized data cache: {st['cache']}")

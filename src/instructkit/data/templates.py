@@ -256,11 +256,14 @@ def _text_segments(tokenizer, content: str) -> list[tuple[str, bool]]:
 
 
 def render_segments(template: Template, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
-                    add_generation_prompt: bool = False, turns: str = "all") -> list[tuple[str, bool]]:
+                    add_generation_prompt: bool = False, turns: str = "all", supervise_from: int = 0
+                    ) -> list[tuple[str, bool]]:
     """(text, supervised) pieces whose concatenation is the rendered conversation.
 
     Each assistant turn (only the last one with turns="last") is supervised up to and including its
     end-of-turn token; whatever the template puts after that token (a newline) and every other turn is not.
+    Assistant turns at a message index below `supervise_from` are not supervised: a preference pair's
+    prompt may hold earlier assistant turns, and only its answer is learned from.
     """
     if messages and messages[0].role == "text":
         return _text_segments(tokenizer, messages[0].content)
@@ -280,7 +283,7 @@ def render_segments(template: Template, tokenizer: PreTrainedTokenizerBase, mess
             raise user_error(f"the {template.name} template does not close an assistant turn with "
                              f"{template.eot_token}", "data.template", BUILTIN_FIX)
         end += len(template.eot_token)
-        supervised = turns == "all" or i == last
+        supervised = (turns == "all" or i == last) and i >= supervise_from
         segments += [(prompt[len(done):], False), (response[:end], supervised), (response[end:], False)]
         done = full
     if add_generation_prompt or not messages or messages[-1].role != "assistant":

@@ -33,6 +33,11 @@ class Example:
     def n_supervised(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE)
 
+    @property
+    def length(self) -> int:
+        """Tokens of the example (a `PairExample` has the same property: its longer side)."""
+        return len(self.input_ids)
+
 
 def tokenize_segments(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase,
                       train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
@@ -84,16 +89,33 @@ def _render_and_tokenize(args) -> list[tuple[list[int], list[int]]]:
     return tokenize_many(rows, tokenizer, train_on_inputs)
 
 
+def _render_and_tokenize_pairs(args) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
+    pairs, tokenizer, template = args
+    flat = tokenize_many([side for p in pairs for side in p.segments(template, tokenizer)], tokenizer)
+    return list(zip(flat[::2], flat[1::2]))
+
+
+def _map_chunks(work, items: list, extra: tuple, num_proc: int) -> list:
+    """`work` over chunks of CHUNK items (in worker processes when num_proc > 1), results in order."""
+    chunks = [(items[i:i + CHUNK], *extra) for i in range(0, len(items), CHUNK)]
+    if num_proc <= 1 or len(chunks) <= 1:
+        return [out for chunk in chunks for out in work(chunk)]
+    # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked.
+    with ProcessPoolExecutor(max_workers=num_proc, mp_context=get_context("spawn")) as pool:
+        return [out for part in pool.map(work, chunks) for out in part]
+
+
 def tokenize_conversations(conversations: list, tokenizer: PreTrainedTokenizerBase, template: Template,
                            train_on_inputs: bool, turns: str, num_proc: int = 1) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) for every conversation, in order."""
-    chunks = [(conversations[i:i + CHUNK], tokenizer, template, train_on_inputs, turns)
-              for i in range(0, len(conversations), CHUNK)]
-    if num_proc <= 1 or len(chunks) <= 1:
-        return [pair for chunk in chunks for pair in _render_and_tokenize(chunk)]
-    # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked.
-    with ProcessPoolExecutor(max_workers=num_proc, mp_context=get_context("spawn")) as pool:
-        return [pair for part in pool.map(_render_and_tokenize, chunks) for pair in part]
+    return _map_chunks(_render_and_tokenize, conversations, (tokenizer, template, train_on_inputs, turns), num_proc)
+
+
+def tokenize_pairs(pairs: list, tokenizer: PreTrainedTokenizerBase, template: Template, num_proc: int = 1
+                   ) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
+    """((chosen ids, labels), (rejected ids, labels)) for every `PairConversation`, in order; both sides of
+    all pairs of a chunk go to the tokenizer in one batched call."""
+    return _map_chunks(_render_and_tokenize_pairs, pairs, (tokenizer, template), num_proc)
 
 
 def fit_length(input_ids: list[int], labels: list[int], max_length: int, overlength: str, eot_id: int

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from instructkit.data.formats import Conversation, RowError, detect_format, rename_columns, to_messages
+from instructkit.data.preference import PairConversation, to_pair
 from instructkit.data.sources import BadRow, Record
 from instructkit.errors import user_error
 
@@ -40,8 +41,9 @@ class BadRowReport:
 
 
 def convert_records(records: list[Record], formats: list[str], columns: list[dict | None]
-                    ) -> tuple[list[Conversation], list[BadRow], dict[int, str]]:
-    """Conversations of the valid rows, the bad rows, and the format used per source index.
+                    ) -> tuple[list[Conversation | PairConversation], list[BadRow], dict[int, str], Counter]:
+    """Conversations of the valid rows (a `PairConversation` for each row of a preference source), the bad
+    rows, the format used per source index, and the valid rows per format.
 
     `formats[i]` / `columns[i]` belong to source i; an `auto` format is detected from that source's
     first row.
@@ -55,7 +57,8 @@ def convert_records(records: list[Record], formats: list[str], columns: list[dic
             fmt = chosen[record.source] = (detect_format(row, record.where) if formats[record.source] == "auto"
                                            else formats[record.source])
         try:
-            conversations.append(Conversation(to_messages(row, fmt), record.where))
+            conversations.append(to_pair(row, record.where) if fmt == "preference"
+                                 else Conversation(to_messages(row, fmt), record.where))
             per_format[fmt] += 1
         except RowError as exc:
             bad.append(BadRow(record.where, exc.reason, exc.detail))
