@@ -1,5 +1,7 @@
 """Preference pairs: row forms, detection, bad rows, masks, over-length, cache, split, batches, inspect."""
 
+import json
+
 import pytest
 
 from instructkit.config import IGNORE, DataConfig
@@ -285,3 +287,35 @@ def test_pad_pairs_puts_chosen_rows_first_then_rejected():
     assert batch["ref_logps"].tolist() == [-1.0, -3.0, -2.0, -4.0] and str(batch["ref_logps"].dtype) == "torch.float32"
     without = pad_pairs([pairs[0], PairExample(pairs[1].chosen, pairs[1].rejected)], pad_id=0)
     assert "ref_logps" not in without and without["input_ids"].shape == (4, 3)
+
+
+# --- inspect ---------------------------------------------------------------------------------------------------
+
+
+def test_data_inspect_shows_the_prompt_once_and_both_answers_marked(tiny_config, tmp_path, capsys):
+    from instructkit.cli import main
+
+    rows = [{"prompt": "Say yes.", "chosen": "yes", "rejected": "no"},
+            {"prompt": "Add one.", "input": "2", "chosen": "3", "rejected": "four"},
+            {"prompt": "x", "chosen": "a", "rejected": "a"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = tiny_config(data={"train_file": str(path), "on_bad_row": "skip", "max_bad_fraction": 0.5})
+    assert main(["data", "inspect", str(cfg), "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    head = "Below is an instruction that describes a task. Write a response"
+    assert out.count(head) == 1  # the first pair's prompt, once
+    assert "### Response:\n\n--- chosen answer (" in out and "--- chosen answer (" in out
+    assert "2 supervised, shown [[like this]])\n[[3</s>]]" in out
+    assert "--- rejected answer (" in out and "[[four</s>]]" in out and "[[no</s>]]" in out
+    assert "pairs kept: 2" in out and "bad rows: identical answers: 1" in out
+    assert f"  {path}:3: identical answers: 'chosen' and 'rejected' are the same answer" in out
+    assert "rejected answer tokens: p50 4, max 5, mean 4.0" in out and "packing efficiency" not in out
+    assert main(["data", "inspect", str(cfg), "--n", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "preference" and report["examples_kept"] == 2 and report["packing_efficiency"] is None
+    example = report["examples"][0]
+    assert example["prompt"]["text"].startswith(head) and example["prompt"]["text"].endswith("### Response:\n")
+    for name, answer in (("chosen", "yes</s>"), ("rejected", "no</s>")):
+        side = example[name]
+        assert len(side["input_ids"]) == len(side["labels"]) == example["prompt"]["tokens"] + len(answer) - 3
+        assert [s["text"] for s in side["spans"] if s["supervised"]] == [answer]
