@@ -1,6 +1,8 @@
 """Preference pairs: row forms, detection, bad rows, masks, over-length, cache, split, batches, inspect."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -319,3 +321,61 @@ def test_data_inspect_shows_the_prompt_once_and_both_answers_marked(tiny_config,
         side = example[name]
         assert len(side["input_ids"]) == len(side["labels"]) == example["prompt"]["tokens"] + len(answer) - 3
         assert [s["text"] for s in side["spans"] if s["supervised"]] == [answer]
+
+
+# --- the demo set ----------------------------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def _read(name):
+    return [json.loads(line) for line in (EXAMPLES / "data" / name).read_text().splitlines()]
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from instructkit.config import instructkit_home
+
+    path = instructkit_home() / "models" / "smollm2-135m-instruct"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 is not converted yet (any run on smollm2-135m-instruct does it)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_demo_set_is_what_the_generator_writes_and_keeps_held_out_prompts_apart():
+    spec = importlib.util.spec_from_file_location("make_preference_data", EXAMPLES / "make_preference_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    built = module.build()
+    assert {split: len(rows) for split, rows in built.items()} == {"train": 400, "eval": 60, "test": 200}
+    for split, rows in built.items():
+        assert _read(f"pref_{split}.jsonl") == rows, f"pref_{split}.jsonl is stale: run {module.__file__}"
+        assert all(to_pair(row).chosen != to_pair(row).rejected for row in rows)
+
+    def prompts(rows, key="prompt"):
+        return {(r[key], r["input"]) for r in rows}
+
+    trained = prompts(built["train"]) | prompts(_read("train.jsonl"), "instruction")
+    for split in ("eval", "test"):
+        assert prompts(built[split]) <= prompts(_read(f"{split}.jsonl"), "instruction")
+        assert not prompts(built[split]) & trained
+
+
+@pytest.mark.parametrize("which", ["byte", "smollm2"])
+def test_demo_pairs_render_their_prompt_exactly_like_the_sft_rows(tmp_path, byte_tokenizer, which):
+    tok = byte_tokenizer if which == "byte" else _smollm2_tokenizer()
+    template = "alpaca" if which == "byte" else "auto"  # SmolLM2: its own chat template, as the quickstart
+    pair_rows, sft_rows = _read("pref_eval.jsonl"), _read("eval.jsonl")
+    pairs = build(tok, EXAMPLES / "data/pref_eval.jsonl", template=template, val_size=0, cache=False).train
+    sft = build(tok, EXAMPLES / "data/eval.jsonl", template=template, val_size=0, cache=False).train
+    sft_by_prompt = {(r["instruction"], r["input"]): e for r, e in zip(sft_rows, sft)}
+    tmpl = resolve_template(template, tok)
+    assert len(pairs) == len(pair_rows) == 60
+    for row, pair in zip(pair_rows, pairs):
+        gen, _ = tokenize_segments(render_segments(tmpl, tok, prompt_messages(row), add_generation_prompt=True), tok)
+        example = sft_by_prompt[(row["prompt"], row["input"])]
+        for ids, labels in ((example.input_ids, example.labels), (pair.chosen.input_ids, pair.chosen.labels),
+                            (pair.rejected.input_ids, pair.rejected.labels)):
+            assert ids[:len(gen)] == gen and set(labels[:len(gen)]) == {IGNORE} and labels[len(gen)] != IGNORE
+        assert (pair.chosen.input_ids, pair.chosen.labels) == (example.input_ids, example.labels)  # the SFT example
