@@ -379,3 +379,9 @@ def test_demo_pairs_render_their_prompt_exactly_like_the_sft_rows(tmp_path, byte
                             (pair.rejected.input_ids, pair.rejected.labels)):
             assert ids[:len(gen)] == gen and set(labels[:len(gen)]) == {IGNORE} and labels[len(gen)] != IGNORE
         assert (pair.chosen.input_ids, pair.chosen.labels) == (example.input_ids, example.labels)  # the SFT example
+
+
+def test_parallel_tokenization_of_pairs_equals_serial(tmp_path, byte_tokenizer):
+    path = pairs_file(tmp_path, n=600)  # more than one chunk
+    serial = build(byte_tokenizer, path, cache=False, val_size=0)
+    assert build(byte_tokenizer, path, cache=False, val_size=0, num_proc=2).train == serial.train
