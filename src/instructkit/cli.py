@@ -16,6 +16,7 @@ import traceback
 
 from instructkit.errors import TrainingInterrupted, UserError
 from instructkit.serve_cli import add_serve_parser
+from instructkit.studio.cli import add_studio_parser
 from instructkit.sweep_cli import add_sweep_parser
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -223,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parsers(sub)
     add_serve_parser(sub)
     add_sweep_parser(sub)
+    add_studio_parser(sub)
     p = sub.add_parser("env", help="report Python, torch, CUDA, GPUs and CPU")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--require-gpu", action="store_true", help="exit 1 unless a GPU is usable")
