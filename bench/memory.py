@@ -66,19 +66,20 @@ def run_steps(cfg, path: str, ids, labels, n: int) -> None:
     """`n` optimizer steps as training runs them, the model loaded as training loads it."""
     import torch
 
-    from instructkit.loss import SupervisedLoss
     from instructkit.models import plan_loading
-    from instructkit.prepare import setup_model
+    from instructkit.prepare import setup_model, setup_objective
 
     model = setup_model(cfg, path, plan_loading(cfg.model, cfg.method, training=True))
     with torch.no_grad():  # out of the memory-mapped file into process memory, as a move to a GPU would
         for param in model.parameters():  # (tied weights are one Parameter: copied once, still tied)
             param.data = param.data.clone()
     model.train()
-    loss_fn = SupervisedLoss(model)
+    loss_fn = setup_objective(cfg, model)
+    # A preference batch is chosen rows then rejected rows; DPO's reference log-probs come with it.
+    extra = {"ref_logps": torch.zeros(ids.shape[0])} if cfg.objective == "dpo" else {}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     for _ in range(n):
-        loss_fn(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids)).backward()
+        loss_fn(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids), **extra).sum().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -96,16 +97,17 @@ def main() -> int:
 
     from instructkit.config import load_config
     from instructkit.estimate import estimate_table
-    from instructkit.models import resolve_model
+    from instructkit.models import training_source
 
     cfg = load_config(args.config, args.overrides)
-    path = resolve_model(cfg.model.name_or_path)
+    path = training_source(cfg.model.name_or_path).path
     table = estimate_table(cfg, 1, None, gpu=False)
     batch, length = cfg.train.per_device_train_batch_size, cfg.data.max_length
-    ids = torch.randint(0, 200, (batch, length))
+    rows = batch * (1 if cfg.objective == "sft" else 2)  # pairs: a chosen and a rejected row each
+    ids = torch.randint(0, 200, (rows, length))
     labels = ids.clone()
     labels[:, : length // 2] = -100
-    run_steps(cfg, path, ids[:1, -8:], labels[:1, -8:], 1)  # warm-up: code and imports, not measured
+    run_steps(cfg, path, ids[:2, -8:], labels[:2, -8:], 1)  # warm-up: code and imports, not measured
     gc.collect()
     before = anon_rss()
     with PeakSampler() as sampler:
@@ -114,6 +116,7 @@ def main() -> int:
 
     (row,) = [r for r in table["rows"] if r["method"] == cfg.method]
     print(json.dumps({"config": args.config, "overrides": args.overrides, "method": cfg.method,
+                      "objective": cfg.objective,
                       "batch": batch, "length": length, "gradient_checkpointing": cfg.model.gradient_checkpointing,
                       "measured_bytes": measured, "estimated_bytes": row["bytes"], "parts": row["parts"],
                       "ratio": row["bytes"] / measured}))

@@ -165,11 +165,12 @@ class TrainConfig(_Strict):
     final_weights: Literal["best", "last"] = Field(
         "best", description="what final/ holds: best (the weights of the best evaluation by train.best_metric, "
         "when there is eval data) or last")
-    best_metric: Literal["auto", "eval_loss", "eval_exact_match", "eval_accuracy"] = Field(
+    best_metric: Literal["auto", "eval_loss", "eval_exact_match", "eval_accuracy", "eval_pref_accuracy"] = Field(
         "auto", description="what chooses the best weights and early stopping: eval_loss (lowest), "
         "eval_exact_match (teacher-forced: examples whose every answer token is predicted), eval_accuracy "
-        "(answer tokens predicted); auto: eval_exact_match when eval answers are short (median <= 32 tokens), "
-        "else eval_loss")
+        "(answer tokens predicted), eval_pref_accuracy (preference objectives: pairs ranked right); auto: "
+        "eval_exact_match when eval answers are short (median <= 32 tokens), else eval_loss (always eval_loss "
+        "for preference objectives)")
     early_stopping_patience: Union[Annotated[int, Field(ge=1)], None] = Field(
         None, description="stop after this many evaluations without a better train.best_metric; null: never (on "
         "small eval splits early stopping ends runs on noise)")
@@ -265,6 +266,14 @@ class RunConfig(_Strict):
             raise ValueError("distributed: deepspeed keeps its optimizer state inside DeepSpeed, which instructkit's "
                              "safetensors checkpoints cannot hold: set train.save_strategy: no, or use distributed: "
                              "fsdp (sharding like ZeRO-3, with resumable checkpoints)")
+        if self.train.best_metric in ("eval_exact_match", "eval_accuracy") and self.objective != "sft":
+            raise ValueError(f"train.best_metric: {self.train.best_metric} is measured on demonstrations; with "
+                             f"objective: {self.objective} use eval_loss, eval_pref_accuracy or auto")
+        if self.train.best_metric == "eval_pref_accuracy" and self.objective == "sft":
+            raise ValueError("train.best_metric: eval_pref_accuracy needs a preference objective (dpo, orpo, simpo)")
+        if self.data.packing and self.objective != "sft":
+            raise ValueError(f"data.packing with objective: {self.objective}: preference pairs are not packed "
+                             "(each side is scored as a whole sequence); set data.packing: false")
         if self.distributed.strategy == "fsdp" and self.model.load_in_4bit:
             raise ValueError("distributed: fsdp with model.load_in_4bit is not supported: use ddp for QLoRA")
         return self

@@ -30,6 +30,11 @@ EXAMPLES_SEEN, MAX_EPOCHS = 1_000, 3
 # Peak learning rates: LoRA with alpha = 2r on every linear layer; full tuning by model size.
 LORA_LR = 1.0e-3
 FULL_LR_SMALL, FULL_LR, SMALL_MODEL = 5.0e-5, 2.0e-5, 1_000_000_000
+# Preference tuning: a gentler LoRA rate (the loss pushes two answers apart and needs no new format); beta
+# per objective as its paper sets it (DPO and ORPO 0.1; SimPO 2.0, from its 2.0 to 2.5 range).
+PREFERENCE_LORA_LR = 1.0e-4
+PREFERENCE_FULL_LR = 5.0e-7
+BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
 EVALS_PER_EPOCH = 4
 SHORT_ANSWER = 32  # answer tokens (median over the eval set) up to which the best weights are chosen by exact match
 
@@ -71,7 +76,11 @@ def auto_epochs(n_train: int) -> Choice:
                   f"1 to {MAX_EPOCHS} passes")
 
 
-def auto_learning_rate(method: str, n_params: int | None) -> Choice:
+def auto_learning_rate(method: str, n_params: int | None, objective: str = "sft") -> Choice:
+    if objective != "sft":
+        lr = PREFERENCE_LORA_LR if method == "lora" else PREFERENCE_FULL_LR
+        return Choice("train.learning_rate", lr, f"{objective} preference tuning with {method}: small steps from "
+                      "a model that already answers in the right format")
     if method == "lora":
         return Choice("train.learning_rate", LORA_LR, "LoRA with alpha = 2 x r")
     if n_params is None:
@@ -111,8 +120,11 @@ def resolve(cfg: RunConfig, n_train: int, val: Choice, world: int, n_params: int
     rules = {
         "train.gradient_accumulation_steps": lambda: auto_accumulation(n_train, tc.per_device_train_batch_size, world),
         "train.num_train_epochs": lambda: auto_epochs(n_train),
-        "train.learning_rate": lambda: auto_learning_rate(cfg.method, n_params),
+        "train.learning_rate": lambda: auto_learning_rate(cfg.method, n_params, cfg.objective),
     }
+    if cfg.objective != "sft":
+        rules["preference.beta"] = lambda: Choice("preference.beta", BETA[cfg.objective],
+                                                  f"the {cfg.objective} paper's value")
     return _apply(cfg, rules, previous, [val] if cfg.data.val_size == AUTO else [])
 
 
@@ -149,9 +161,12 @@ def resolve_eval(cfg: RunConfig, steps_per_epoch: int, answer_tokens: list[int],
                  previous: dict | None = None) -> tuple[RunConfig, list[Choice]]:
     """`train.eval_steps` and `train.best_metric` once the loop's steps per epoch and the eval data's answer
     lengths are known (`answer_tokens`: supervised tokens per eval example, empty without eval data)."""
+    best = (lambda: auto_best_metric(answer_tokens)) if cfg.objective == "sft" or not answer_tokens else \
+        (lambda: Choice("train.best_metric", "eval_loss", f"{cfg.objective}: the held-out pairs' loss, which "
+                        "keeps ranking weights after preference accuracy saturates"))
     rules = {"train.eval_steps": lambda: auto_eval_steps(steps_per_epoch) if answer_tokens
              else Choice("train.eval_steps", None, "no eval data"),
-             "train.best_metric": lambda: auto_best_metric(answer_tokens)}
+             "train.best_metric": best}
     return _apply(cfg, rules, previous)
 
 

@@ -209,8 +209,16 @@ def eval_shard(examples: list, rank: int, world: int) -> list:
     model runs its forward passes together), the missing ones filled with an unsupervised copy that
     adds nothing to the loss; nothing is counted twice."""
     mine = examples[rank::world]
-    filler = replace(examples[0], labels=[IGNORE] * len(examples[0].labels)) if examples else None
+    filler = _unsupervised(examples[0]) if examples else None
     return mine + [filler] * (math.ceil(len(examples) / world) - len(mine))
+
+
+def _unsupervised(example):
+    """A copy that no loss counts: an example without labels, or a pair with neither side's (the preference
+    losses skip such pairs)."""
+    if hasattr(example, "chosen"):
+        return replace(example, chosen=_unsupervised(example.chosen), rejected=_unsupervised(example.rejected))
+    return replace(example, labels=[IGNORE] * len(example.labels))
 
 
 def agreed_signal(signum: int | None, accelerator: Accelerator) -> int | None:

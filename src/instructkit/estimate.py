@@ -48,10 +48,10 @@ def model_shape(cfg: RunConfig) -> Shape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from instructkit.models import apply_lora, check_remote_code, load_model_config, resolve_model
+    from instructkit.models import apply_lora, check_remote_code, load_model_config, training_source
 
     check_remote_code(cfg.model)
-    path = resolve_model(cfg.model.name_or_path, cfg.model.allow_pickle)
+    path = training_source(cfg.model.name_or_path, cfg.model.allow_pickle).path
     try:
         config = load_model_config(path, cfg.model.trust_remote_code, cfg.model.revision)
     except (OSError, ValueError) as exc:
@@ -152,28 +152,33 @@ def estimate_table(cfg: RunConfig, gpus: int, gpu_memory: float | None, shape: S
     """Per-device peak for every method x strategy at the config's batch, length and precision."""
     shape = shape or model_shape(cfg)
     compute_bytes = 4 if cfg.model.precision == "fp32" or (not gpu and cfg.model.precision == "auto") else 2
+    # A preference micro-batch of B pairs runs 2B sequences (chosen and rejected) through one forward pass;
+    # DPO's reference log-probs are computed before training, so no second model is held.
+    sequences = cfg.train.per_device_train_batch_size * (1 if cfg.objective == "sft" else 2)
     rows = []
     for method in METHODS if gpu else ("full", "lora"):  # QLoRA's 4-bit kernels need CUDA
         for strategy in STRATEGIES:
             if gpus == 1 and strategy != "ddp":
                 continue  # one device: sharding has nothing to spread over
-            parts = breakdown(shape, method, strategy, gpus, compute_bytes, cfg.train.per_device_train_batch_size,
-                              cfg.data.max_length, cfg.model.gradient_checkpointing,
-                              cfg.model.attn_implementation == "eager", gpu,
+            parts = breakdown(shape, method, strategy, gpus, compute_bytes, sequences, cfg.data.max_length,
+                              cfg.model.gradient_checkpointing, cfg.model.attn_implementation == "eager", gpu,
                               # peft copies an adapted input for dropout, or to cast it to the fp32 adapter
                               input_copies=cfg.lora.dropout > 0 or compute_bytes != 4)
             total = peak(parts)
             rows.append({"method": method, "strategy": strategy if gpus > 1 else "single", "bytes": total,
                          "parts": parts, "fits": None if gpu_memory is None else total <= gpu_memory})
     return {"parameters": shape.total, "trainable_lora": shape.lora, "gpus": gpus, "gpu_memory": gpu_memory,
-            "batch": cfg.train.per_device_train_batch_size, "length": cfg.data.max_length,
+            "batch": cfg.train.per_device_train_batch_size, "sequences": sequences, "objective": cfg.objective,
+            "length": cfg.data.max_length,
             "compute_bytes": compute_bytes, "gradient_checkpointing": cfg.model.gradient_checkpointing, "rows": rows}
 
 
 def format_table(table: dict, configured: tuple[str, str]) -> str:
     gib = lambda b: f"{b / GIB:.1f}"  # noqa: E731
     lines = [f"model: {table['parameters'] / 1e9:.2f}B parameters (LoRA adapter {table['trainable_lora'] / 1e6:.1f}M); "
-             f"batch {table['batch']} x length {table['length']}, {8 * table['compute_bytes']}-bit compute, gradient "
+             f"batch {table['batch']}"
+             + (f" pairs ({table['sequences']} sequences)" if table["sequences"] != table["batch"] else "")
+             + f" x length {table['length']}, {8 * table['compute_bytes']}-bit compute, gradient "
              f"checkpointing {'on' if table['gradient_checkpointing'] else 'off'}; {table['gpus']} device(s)"
              + (f" of {gib(table['gpu_memory'])} GiB" if table["gpu_memory"] else ""),
              "", f"{'method':<7}{'strategy':<9}{'GiB/device':>11}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}  fits",

@@ -154,11 +154,17 @@ def evaluate_rows(loaded: Loaded, rows: list[dict], out: Path, baseline: bool = 
 
 def evaluate(run_or_model: str, data_path: str, baseline: bool = False, out_dir: str | None = None,
              max_new_tokens: int = 64, batch_size: int = 16, allow_pickle: bool = False) -> dict:
-    """`instructkit eval`: every row of `data_path`; results in RUN/eval (or out_dir)."""
-    rows = load_eval_rows(data_path)
+    """`instructkit eval`: every row of `data_path`; results in RUN/eval (or out_dir). Preference pairs are
+    scored by how the model ranks their answers (evaluate_pairs.py), everything else by generation."""
+    from instructkit.evaluate_pairs import evaluate_pairs, is_preference_file
+
+    pairs = is_preference_file(data_path)
+    rows = None if pairs else load_eval_rows(data_path)
     loaded = load_for_inference(run_or_model, allow_pickle=allow_pickle)
     run_dir = Path(run_or_model)
     out = Path(out_dir) if out_dir else (run_dir / "eval" if (run_dir / "manifest.json").is_file() else Path("eval"))
+    if pairs:
+        return evaluate_pairs(loaded, data_path, out, baseline, lambda m: _base_of(m, allow_pickle), batch_size)
     return evaluate_rows(loaded, rows, out, baseline, max_new_tokens, batch_size, allow_pickle, data_path)
 
 
@@ -194,6 +200,10 @@ def _pct(value: float) -> str:
 
 def format_results(results: dict) -> str:
     """Base, tuned and difference per metric, then exact match and ROUGE-L per task."""
+    if results.get("kind") == "preference":
+        from instructkit.evaluate_pairs import format_pair_results
+
+        return format_pair_results(results)
     tuned, base, diff = results["tuned"], results.get("base"), results.get("difference")
     fmt = {"loss": lambda v: f"{v:.4f}", "perplexity": lambda v: f"{v:.3f}", "exact_match": _pct, "rouge_l": _pct}
     signed = {"loss": lambda v: f"{v:+.4f}", "perplexity": lambda v: f"{v:+.3f}",

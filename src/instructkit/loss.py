@@ -21,6 +21,10 @@ def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _head_logp(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
 class SupervisedLoss(torch.nn.Module):
     """forward(input_ids, labels, [attention_mask], [position_ids]) -> summed loss (fp32 softmax)."""
 
@@ -93,6 +97,37 @@ class SupervisedLoss(torch.nn.Module):
         return torch.stack([loss, keep.sum().float(), hit.sum().float(), examples.sum().float(),
                             ((misses == 0) & examples).sum().float()])
 
+    def token_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability of each supervised target in fp32, the row it belongs to), the LM head run only on
+        those positions, in chunks recomputed in backward: what sequence-level objectives are built from."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        keep = labels[:, 1:] != IGNORE
+        rows, wanted = keep.nonzero()[:, 0], labels[:, 1:][keep]
+        if self.fast:
+            lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            hidden, head = self._run(**inputs, use_cache=False).last_hidden_state[:, :-1][keep], \
+                lm.get_output_embeddings()
+        else:
+            hidden, head = self._run(**inputs, use_cache=False).logits[:, :-1][keep], torch.nn.Identity()
+        parts = []
+        for start in range(0, hidden.shape[0], self.chunk_tokens):
+            h, y = hidden[start:start + self.chunk_tokens], wanted[start:start + self.chunk_tokens]
+            grad = torch.is_grad_enabled() and h.requires_grad
+            parts.append(checkpoint(_head_logp, head, h, y, use_reentrant=False) if grad else _head_logp(head, h, y))
+        return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
+
+    eval_width = 5
+
+    @staticmethod
+    def eval_summary(total: torch.Tensor) -> dict[str, float]:
+        """eval_loss per supervised token, token accuracy and teacher-forced exact match, from summed eval_sums."""
+        return {"eval_loss": float(total[0] / total[1].clamp(min=1)),
+                "eval_accuracy": float(total[2] / total[1].clamp(min=1)),
+                "eval_exact_match": float(total[4] / total[3].clamp(min=1)),
+                "n_tokens": float(total[1]), "n_examples": float(total[3])}  # for the noise of the accuracies
+
     @staticmethod
     def count(batch: dict) -> int:
         """The units the summed loss runs over (supervised next-token targets); the loop divides by them."""
@@ -102,3 +137,101 @@ class SupervisedLoss(torch.nn.Module):
 def count_supervised(batch: dict) -> int:
     """Supervised next-token targets in a collated batch (computed on the CPU copy: no device sync)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (where each form loses precision)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+class PreferenceLoss(torch.nn.Module):
+    """DPO, ORPO and SimPO over a batch of B pairs: rows [chosen x B, rejected x B] (data/collate.pad_pairs),
+    each side's log-probability summed over its answer tokens (the mask built while tokenizing).
+
+    - dpo: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), with conservative label smoothing; the
+      reference log-probs come with the batch (`ref_logps`, computed once before training: reference.py).
+    - simpo: -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma), length-normalised, no reference.
+    - orpo: the chosen answer's NLL per token plus -beta * log sigmoid(log odds(c) - log odds(r)), the odds of
+      the mean per-token probability; no reference.
+    The forward gives summed components and `count` their units (pairs; ORPO's NLL: chosen answer tokens), so
+    the loop's normalisation over micro-batches and processes gives each component's global mean.
+    """
+
+    def __init__(self, model: torch.nn.Module, kind: str, beta: float, label_smoothing: float = 0.0,
+                 gamma: float = 0.5, chunk_tokens: int = 1024, compile: bool = False, fast: bool | None = None):
+        super().__init__()
+        self.scorer = SupervisedLoss(model, chunk_tokens, compile, fast)
+        self.kind, self.beta, self.label_smoothing, self.gamma = kind, beta, label_smoothing, gamma
+        self.eval_width = 2 * (2 if kind == "orpo" else 1) + 4  # loss sums, their units, then the reward stats
+        self._stats: torch.Tensor | None = None
+
+    def sequence_logps(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed answer log-prob, answer tokens) per row."""
+        token_logps, rows = self.scorer.token_logps(input_ids, labels, attention_mask)
+        n = input_ids.shape[0]
+        logps = token_logps.new_zeros(n).index_add(0, rows, token_logps)
+        return logps, token_logps.new_zeros(n).index_add(0, rows, torch.ones_like(token_logps))
+
+    def terms(self, logps: torch.Tensor, lengths: torch.Tensor, ref_logps: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-pair loss, chosen reward, rejected reward) from the rows' summed log-probs."""
+        b = logps.shape[0] // 2
+        if self.kind == "dpo":
+            if ref_logps is None:
+                raise RuntimeError("dpo needs the batch's ref_logps (reference.attach_reference)")
+            chosen, rejected = self.beta * (logps[:b] - ref_logps[:b]), self.beta * (logps[b:] - ref_logps[b:])
+            return self._sigmoid_loss(chosen - rejected), chosen, rejected
+        mean = logps / lengths.clamp(min=1)
+        chosen, rejected = self.beta * mean[:b], self.beta * mean[b:]
+        if self.kind == "simpo":
+            return self._sigmoid_loss(chosen - rejected - self.gamma), chosen, rejected
+        log_odds = (mean[:b] - mean[b:]) - (log1mexp(mean[:b]) - log1mexp(mean[b:]))
+        return -self.beta * F.logsigmoid(log_odds), chosen, rejected
+
+    def _sigmoid_loss(self, margin: torch.Tensor) -> torch.Tensor:
+        eps = self.label_smoothing
+        return -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                ref_logps: torch.Tensor | None = None, sums: bool = False) -> torch.Tensor:
+        logps, lengths = self.sequence_logps(input_ids, labels, attention_mask)
+        loss, chosen, rejected = self.terms(logps, lengths, ref_logps)
+        b = chosen.shape[0]
+        # A pair with an unsupervised side (the filler that evens out eval shards) counts for nothing.
+        real = ((lengths[:b] > 0) & (lengths[b:] > 0)).float()
+        parts = [(loss * real).sum()]
+        if self.kind == "orpo":  # the SFT term: the chosen answers' NLL, per token over the whole step
+            parts.append(-logps[:b].sum())
+        stats = torch.stack([real.sum(), (chosen * real).sum(), (rejected * real).sum(),
+                             ((chosen > rejected).float() * real).sum()]).detach()
+        if sums:
+            units = [real.sum()] + ([lengths[:b].sum()] if self.kind == "orpo" else [])
+            return torch.cat([torch.stack(parts).detach(), torch.stack(units), stats])
+        if torch.is_grad_enabled():
+            self._stats = stats if self._stats is None else self._stats + stats
+        return torch.stack(parts) if len(parts) > 1 else parts[0]
+
+    def count(self, batch: dict) -> int | tuple[int, int]:
+        """Pairs with both answers supervised; for ORPO also the chosen answers' tokens."""
+        b = batch["input_ids"].shape[0] // 2
+        supervised = batch["labels"][:, 1:] != IGNORE
+        pairs = int((supervised[:b].any(1) & supervised[b:].any(1)).sum())
+        return pairs if self.kind != "orpo" else (pairs, int(supervised[:b].sum()))
+
+    def pop_stats(self) -> torch.Tensor | None:
+        """[pairs, summed chosen rewards, summed rejected rewards, pairs ranked right] since the last call."""
+        stats, self._stats = self._stats, None
+        return stats
+
+    @staticmethod
+    def stats_summary(stats, prefix: str = "") -> dict[str, float]:
+        pairs = max(float(stats[0]), 1.0)
+        chosen, rejected = float(stats[1]) / pairs, float(stats[2]) / pairs
+        return {f"{prefix}rewards_chosen": chosen, f"{prefix}rewards_rejected": rejected,
+                f"{prefix}reward_margin": chosen - rejected, f"{prefix}pref_accuracy": float(stats[3]) / pairs}
+
+    def eval_summary(self, total: torch.Tensor) -> dict[str, float]:
+        k = 2 if self.kind == "orpo" else 1
+        loss = sum(float(total[i] / total[k + i].clamp(min=1)) for i in range(k))
+        return {"eval_loss": loss, **self.stats_summary(total[2 * k:], "eval_"), "n_examples": float(total[2 * k])}

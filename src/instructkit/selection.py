@@ -62,7 +62,7 @@ class Tracker:
         """An accuracy within one standard error of the best: as good as far as this split can tell."""
         if self.metric == "eval_loss" or self.best_value is None:
             return False
-        n = metrics.get("n_examples" if self.metric == "eval_exact_match" else "n_tokens", 0)
+        n = metrics.get("n_tokens" if self.metric == "eval_accuracy" else "n_examples", 0)
         error = math.sqrt(self.best_value * (1 - self.best_value) / n) if n else 0.0
         return metrics[self.metric] >= self.best_value - error
 

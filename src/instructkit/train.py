@@ -26,7 +26,7 @@ from instructkit.defaults import keep_split, resolve_eval
 from instructkit.distributed import agreed_signal, full_weights, leave_process_group, no_sync, ranks_of
 from instructkit.errors import TrainingDiverged, TrainingInterrupted
 from instructkit.files import atomic_path, write_json
-from instructkit.loss import SupervisedLoss, count_supervised
+from instructkit.loss import count_supervised
 from instructkit.metrics import MetricsLog, TrainingMonitor
 from instructkit.models import check_runtime
 from instructkit.prepare import (
@@ -40,8 +40,11 @@ from instructkit.prepare import (
     setup_data,
     setup_loop,
     setup_model,
+    setup_objective,
     setup_recipe,
+    setup_reference,
     setup_runtime,
+    template_note,
 )
 from instructkit.rundir import RunDirPlan, claim_run_dir, lock_run_dir, now, plan_run_dir, previous_config, write_config
 from instructkit.selection import Tracker, restore_best, save_best
@@ -93,14 +96,14 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
 
 def eval_metrics(objective: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator,
                  loss_fn: torch.nn.Module | None = None) -> dict[str, float]:
-    """Over the whole eval set, summed over processes: eval_loss (per supervised token), and where the
-    objective can say (SupervisedLoss.eval_sums) eval_accuracy (tokens) and eval_exact_match (examples
-    teacher-forced decoding gets entirely right)."""
+    """Over the whole eval set, summed over processes: eval_loss and whatever else the objective's
+    `eval_sums` counts (SupervisedLoss: token accuracy and teacher-forced exact match; PreferenceLoss:
+    rewards, margin and preference accuracy), named by its `eval_summary`."""
     import torch
 
-    sums = hasattr(objective, "eval_sums")
+    sums = hasattr(objective, "eval_summary")
     loss_fn = loss_fn or objective  # the wrapped objective (DDP, FSDP root), called through its forward
-    total = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros(objective.eval_width if sums else 2, dtype=torch.float64, device=accelerator.device)
     loss_fn.eval()
     with torch.no_grad():
         for batch in loader:
@@ -112,53 +115,59 @@ def eval_metrics(objective: torch.nn.Module, loader: Iterable[dict], accelerator
                 total[1] += objective.count(batch)
     loss_fn.train()
     total = accelerator.reduce(total, "sum")
-    out = {"eval_loss": float(total[0] / total[1].clamp(min=1))}
-    if sums:
-        out |= {"eval_accuracy": float(total[2] / total[1].clamp(min=1)),
-                "eval_exact_match": float(total[4] / total[3].clamp(min=1)),
-                "n_tokens": float(total[1]), "n_examples": float(total[3])}  # for the noise of the accuracies
-    return out
+    return objective.eval_summary(total) if sums else {"eval_loss": float(total[0] / total[1].clamp(min=1))}
+
+
+def units_of(count: Callable[[dict], int | tuple[int, ...]], batch: dict) -> list[int]:
+    """The units of each loss component of a micro-batch (one for SFT: supervised tokens)."""
+    n = count(batch)
+    return list(n) if isinstance(n, tuple) else [n]
 
 
 def optimizer_step(accelerator: Accelerator, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler, group: list, max_grad_norm: float, step: int = 0,
                    precision: str = "fp32", strategy: str = "single", accumulation: int = 1,
-                   count: Callable[[dict], int] = count_supervised) -> dict:
-    """One optimizer step over a group of micro-batches (collated on the CPU); returns the loss and
-    token counts summed over all processes. Counts come from the CPU copies, so the step syncs with the
-    device once: to stop on a NaN or infinite loss (on any process) before the optimizer touches the
-    weights (no checkpoint can hold them)."""
+                   count: Callable[[dict], int | tuple[int, ...]] = count_supervised,
+                   pop_stats: Callable[[], torch.Tensor | None] | None = None) -> dict:
+    """One optimizer step over a group of micro-batches (collated on the CPU); returns the loss components'
+    sums and units and the token counts, summed over all processes. Each component is divided by its units
+    over the whole step, so the loss does not depend on how the batch was split. Counts come from the CPU
+    copies, so the step syncs with the device once: to stop on a NaN or infinite loss (on any process)
+    before the optimizer touches the weights (no checkpoint can hold them)."""
     import torch
 
-    n_supervised = sum(count(b) for b in group)
+    units = [sum(col) for col in zip(*(units_of(count, b) for b in group))]
+    n_supervised = sum(count_supervised(b) for b in group)
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in group)
     sequences = sum(int((b["position_ids"] == 0).sum()) if "position_ids" in b else b["input_ids"].shape[0]
                     for b in group)
-    global_supervised = n_supervised
+    global_units = units
     if accelerator.num_processes > 1:
-        global_supervised = accelerator.reduce(torch.tensor(n_supervised, device=accelerator.device), "sum").item()
-    # DDP and FSDP average gradients over processes; multiplying back gives the mean over all tokens.
+        global_units = accelerator.reduce(torch.tensor(units, device=accelerator.device), "sum").tolist()
+    # DDP and FSDP average gradients over processes; multiplying back gives the mean over all units.
     # DeepSpeed also divides by its accumulation steps, so that is multiplied back too.
-    scale = accelerator.num_processes / max(global_supervised, 1) * (accumulation if strategy == "deepspeed" else 1)
-    summed = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+    factor = accelerator.num_processes * (accumulation if strategy == "deepspeed" else 1)
+    scales = [factor / max(u, 1) for u in global_units]
+    scale = scales[0] if len(scales) == 1 else torch.tensor(scales, device=accelerator.device)
+    summed = torch.zeros(len(units), dtype=torch.float32, device=accelerator.device)
     for i, batch in enumerate(group):
         last = i == len(group) - 1
         if strategy == "deepspeed":
             loss_fn.set_gradient_accumulation_boundary(last)
         with no_sync(loss_fn, skip=not last and strategy in ("ddp", "fsdp")):
             loss = loss_sum(loss_fn, to_device(batch, accelerator.device))
-            accelerator.backward(loss * scale)
+            accelerator.backward((loss * scale).sum())
         summed += loss.detach()
+    stats = pop_stats() if pop_stats else None
+    local = [*summed.tolist(), n_supervised, tokens, sequences, *(stats.tolist() if stats is not None else [])]
     if accelerator.num_processes > 1:
-        totals = torch.tensor([summed.item(), n_supervised, tokens, sequences], dtype=torch.float64,
-                              device=accelerator.device)
-        totals = accelerator.reduce(totals, "sum").tolist()
-        summed, n_supervised, tokens, sequences = totals[0], int(totals[1]), int(totals[2]), int(totals[3])
-    else:
-        summed = summed.item()
-    if not math.isfinite(summed):
+        local = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    k = len(units)
+    parts, (n_supervised, tokens, sequences), stats = local[:k], map(int, local[k:k + 3]), local[k + 3:] or None
+    loss_value = sum(p / max(u, 1) for p, u in zip(parts, global_units))
+    if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
-        raise TrainingDiverged(step, summed, scheduler.get_last_lr()[0], precision)
+        raise TrainingDiverged(step, loss_value, scheduler.get_last_lr()[0], precision)
     grad_norm = None
     if max_grad_norm > 0:
         grad_norm = accelerator.clip_grad_norm_(loss_fn.parameters(), max_grad_norm)
@@ -167,8 +176,8 @@ def optimizer_step(accelerator: Accelerator, loss_fn: torch.nn.Module, optimizer
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss_sum": summed, "supervised": n_supervised, "tokens": tokens, "sequences": sequences,
-            "grad_norm": grad_norm}
+    return {"loss_parts": parts, "units": [float(u) for u in global_units], "supervised": n_supervised,
+            "tokens": tokens, "sequences": sequences, "grad_norm": grad_norm, "stats": stats}
 
 
 def save_final(run_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: Template,
@@ -212,9 +221,12 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     for note in plan_dir.notes:
         run.say(f"note: {note}")
     run.say(describe_data(data, cfg.data.max_length))
+    if note := template_note(cfg, data.template.name):
+        run.say(note)
     model = setup_model(cfg, model_path, run.plan)
     run.say(describe_model(model, model_path, run.plan))
-    objective = SupervisedLoss(model, compile=cfg.train.compile)
+    objective = setup_objective(cfg, model)
+    data = setup_reference(cfg, run, objective, model, tokenizer.pad_token_id, data)
     loop = setup_loop(cfg, run, objective, model, tokenizer, data)
     cfg, more = resolve_eval(cfg, min(loop.steps_per_epoch, loop.total_steps), [e.n_supervised for e in data.eval],
                              previous_config(plan_dir))
@@ -234,7 +246,8 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
             write_json(plan_dir.path / "data_report.json", data.stats["bad_rows"])
         log = MetricsLog(plan_dir.path, "tensorboard" in cfg.train.report_to, resume_step=step if step else None)
     monitor = TrainingMonitor(log, loop.total_steps, step, cfg.train.logging_steps, flops_counter(model, cfg.method),
-                              loop.peak_tflops, run.accelerator.num_processes, run.accelerator.device)
+                              loop.peak_tflops, run.accelerator.num_processes, run.accelerator.device,
+                              getattr(objective, "stats_summary", None))
     tracker = Tracker.resumed(cfg.train.best_metric, cfg.train.early_stopping_patience, progress)
     status = "failed"
     try:
@@ -322,7 +335,8 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
                 done += n
                 out = optimizer_step(acc, loop.loss_fn, loop.optimizer, loop.scheduler, group, tc.max_grad_norm,
                                      step + 1, run.plan.compute_precision, run.strategy,
-                                     tc.gradient_accumulation_steps, objective.count)
+                                     tc.gradient_accumulation_steps, objective.count,
+                                     getattr(objective, "pop_stats", None))
                 step += 1
                 monitor.step_done(step, epoch + done / loop.micro_per_epoch, out, loop.scheduler.get_last_lr()[0])
                 if has_eval and tc.eval_steps and step % tc.eval_steps == 0:

@@ -32,7 +32,9 @@ def write(tmp_path: Path, model: str, batch: int, length: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("overrides", [["method=full"], ["method=lora", "model.gradient_checkpointing=true"]])
+@pytest.mark.parametrize("overrides", [["method=full"], ["method=lora", "model.gradient_checkpointing=true"],
+                                       ["method=full", "objective=dpo", "train.per_device_train_batch_size=8"],
+                                       ["method=lora", "objective=orpo", "train.per_device_train_batch_size=8"]])
 def test_estimate_is_within_25_percent_of_the_tiny_models_measured_peak(tmp_path, tiny_model_dir, overrides):
     result = measure(write(tmp_path, str(tiny_model_dir), 16, 1024), *overrides)
     assert result["measured_bytes"] > 50 * 2**20  # activations dominate: a measurement, not noise
