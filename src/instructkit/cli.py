@@ -154,7 +154,8 @@ def _cmd_eval(args) -> int:
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        allow_pickle=args.allow_pickle)
     print(format_results(results))
-    print(f"wrote {results['out_dir']}/eval.json and predictions.jsonl")
+    rows = "pairs.jsonl" if results.get("kind") == "preference" else "predictions.jsonl"
+    print(f"wrote {results['out_dir']}/eval.json and {rows}")
     return EXIT_OK
 
 

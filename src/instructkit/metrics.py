@@ -193,8 +193,10 @@ class TrainingMonitor:
     def eval_done(self, step: int, metrics: dict[str, float]) -> None:
         """Log an evaluation: eval_loss, its perplexity, and the accuracies where the objective gives them."""
         if self.log is not None:
-            record = {"eval_loss": metrics["eval_loss"], "eval_ppl": math.exp(min(metrics["eval_loss"], 50)),
+            record = {"eval_loss": metrics["eval_loss"],
                       **{k: v for k, v in metrics.items() if k.startswith("eval_") and k != "eval_loss"}}
+            if "eval_pref_accuracy" not in metrics:  # a perplexity only where the loss is per-token cross entropy
+                record["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50))
             self.log.log({"step": step, **{k: round(v, 6) for k, v in record.items()}})
             self.bar.write(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in record.items()))
 
