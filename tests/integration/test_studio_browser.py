@@ -30,7 +30,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs chromium and chromium-driver (as root: bash tools/test_services.sh)")
-STEPS = 40  # long enough to stop it halfway, short enough to finish in seconds
+STEPS = 100  # long enough to stop it partway (about 4 steps a second here), short enough to finish soon
 
 
 def start_studio(cwd: Path, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -72,6 +72,8 @@ def studio(tmp_path_factory, tiny_model_dir):
     data = write_jsonl(root / "train.jsonl", ROWS)
     cfg = tiny_run_config(root, tiny_model_dir, data)
     cfg.update(run_name="tiny", output_dir="runs/tiny")
+    cfg["data"]["val_size"] = 2  # eval loss joins the loss chart
+    cfg["train"]["eval_steps"] = 10
     (root / "configs").mkdir()
     (root / "configs/tiny.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     port = free_port()
@@ -192,6 +194,8 @@ def test_the_loss_chart_grows_stop_interrupts_and_resume_completes(studio, brows
     css(browser, "#resume").click()
     wait(browser, lambda d: status(d) == "completed", 180, "completed")
     wait(browser, lambda d: points(d, "loss") == STEPS, 10)
+    assert "eval_loss" in css(browser, '[data-chart="loss"]').text  # evaluations drawn on the loss chart
+    assert points(browser, "eval_exact_match") == STEPS // 10  # and every other key training logs
     assert (studio["root"] / "runs/alpha/final").is_dir()
 
 
@@ -206,6 +210,7 @@ def test_a_second_run_from_the_first_and_compare(studio, browser, shots):
     wait(browser, lambda d: status(d) == "completed", 180, "the second run to complete")
 
     browser.get(studio["url"] + "/")
+    wait(browser, lambda d: d.find_elements("css selector", 'input[value="alpha"]'), 10, "the runs list")
     for name in ("alpha", "alpha-2"):
         css(browser, f'input[value="{name}"]').click()
     css(browser, "#compare").click()
@@ -240,7 +245,7 @@ def test_export_merges_and_writes_gguf_with_the_resulting_paths(studio, browser,
     css(browser, "#run-gguf").click()
     wait(browser, lambda d: "completed" in css(d, "#job-gguf").text, 180, "the GGUF export")
     gguf = studio["root"] / "runs/alpha/export/alpha-f16.gguf"
-    assert gguf.is_file() and str(gguf) in css(browser, "#job-gguf").text
+    assert gguf.is_file() and "Result: runs/alpha/export/alpha-f16.gguf" in css(browser, "#job-gguf").text
     css(browser, "#run-merge").click()
     wait(browser, lambda d: "completed" in css(d, "#job-merge").text, 180, "the merge")
     assert (studio["root"] / "runs/alpha/export/merged/config.json").is_file()

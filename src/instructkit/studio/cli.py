@@ -57,7 +57,7 @@ def run_studio(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise UserError("instructkit studio needs FastAPI and uvicorn, which are not installed. "
-                        "Fix: pip install 'instructkit[studio]'")
+                        "Fix: pip install fastapi uvicorn (or reinstall instructkit, which depends on them)")
     runs = Path(args.runs)
     if runs.exists() and not runs.is_dir():
         raise UserError(f"--runs {runs} is not a directory. Fix: give the directory your runs are in")

@@ -40,10 +40,12 @@ def _field(body: dict, key: str, kind: type = str):
 
 
 def _run_dir(request: Request, name: str) -> Path:
-    run_dir = resolve_run(request.app.state.studio.root, name)
-    if not runs.is_run(run_dir):
+    """runs/NAME as the user wrote --runs (so commands and paths read as in a terminal), once its resolved
+    path is known to be inside it."""
+    root = request.app.state.studio.root
+    if not runs.is_run(resolve_run(root, name)):
         raise StudioError(404, f"there is no run '{name}' in {request.app.state.studio.runs}")
-    return run_dir
+    return root / name
 
 
 def _checked(request: Request, body: dict) -> form.Checked:
@@ -124,7 +126,8 @@ async def start(request: Request) -> dict:
     checked = _checked(request, await _body(request))
     _require_valid(checked)
     name = checked.config["run_name"]
-    run_dir = resolve_run(request.app.state.studio.root, name)
+    resolve_run(request.app.state.studio.root, name)
+    run_dir = request.app.state.studio.root / name
     cfg = RunConfig.model_validate(checked.config)
     claim_run_dir(RunDirPlan(run_dir, "new"))  # form.check refused a folder that holds anything
     write_config(run_dir, cfg)

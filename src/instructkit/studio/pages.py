@@ -29,10 +29,9 @@ def _studio(request: Request):
 
 
 def _run(request: Request, name: str) -> Path:
-    run_dir = resolve_run(_studio(request).root, name)
-    if not runs.is_run(run_dir):
+    if not runs.is_run(resolve_run(_studio(request).root, name)):
         raise StudioError(404, f"there is no run '{name}' in {_studio(request).runs}. Fix: pick one from the runs list")
-    return run_dir
+    return _studio(request).root / name
 
 
 @router.get("/")

@@ -18,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from instructkit.files import remove
-from instructkit.metrics import read_metrics
 from instructkit.rundir import LOCK, MARKER, RUN_ENTRIES
 from instructkit.studio.children import alive_children, command, interrupt, spawn, tail
 from instructkit.studio.security import MAX_DEPTH, StudioError
@@ -67,6 +66,21 @@ def lock_holder(run_dir: Path) -> int | None:
         raise
     kind, _, _, _, pid = struct.unpack(fmt, answer)
     return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl as training writes it: a line caught half-written is left for the next poll."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def read_manifest(run_dir: Path) -> dict:

@@ -83,7 +83,9 @@ Studio.drawCharts = function (container, charts) {
       const box = Studio.el("div", {class: "chart", "data-chart": title});
       container.append(box);
       const options = {
-        title, width: 460, height: 240, scales: {x: {time: false}},
+        // two charts a row on a wide window, one on a narrow one
+        title, width: Math.max(360, Math.min(640, Math.floor((container.clientWidth - 40) / 2))), height: 240,
+        scales: {x: {time: false}},
         axes: [{label: "step"}, {size: 60}],
         series: [{label: "step"}, ...series.map((s, i) => ({
           label: s.label, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
