@@ -60,18 +60,21 @@ def _cmd_validate(args) -> int:
     from instructkit.data.templates import resolve_template
     from instructkit.distributed import check_distributed
     from instructkit.models import check_runtime, load_config_tokenizer, locate_model
+    from instructkit.prepare import template_note
     from instructkit.rundir import plan_run_dir
 
     cfg = load_config(args.config, args.overrides)
     check_runtime(cfg.model)
     check_distributed(cfg, torch.cuda.is_available())
     where = locate_model(cfg.model.name_or_path, cfg.model.allow_pickle)
-    summary = check_rows(cfg.data, cfg.seed)
+    summary = check_rows(cfg.data, cfg.seed, cfg.objective)
     # The template is checked with the model's tokenizer, so a broken user template fails here too.
     template = resolve_template(cfg.data.template, load_config_tokenizer(cfg.model)[1])
     print(f"config OK: {args.config}")
-    print(f"  model: {where}; method {cfg.method}")
+    print(f"  model: {where}; method {cfg.method}; objective {cfg.objective}")
     print(f"  data: {summary}; template {template.name}")
+    if note := template_note(cfg, template.name):
+        print(f"  {note}")
     try:
         plan = plan_run_dir(cfg, overwrite=False)
         what = {"new": "a new run", "restart": "starts over (no complete checkpoint)",

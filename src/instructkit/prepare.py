@@ -21,7 +21,7 @@ from instructkit.checkpoint import TrainingProgress, load_checkpoint, read_progr
 from instructkit.config import DTYPES, RunConfig
 from instructkit.data.collate import pad_batch, pad_pairs
 from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
-from instructkit.data.pipeline import Datasets, build_datasets
+from instructkit.data.pipeline import Datasets, build_datasets, check_objective
 from instructkit.data.sampler import ResumableSampler
 from instructkit.defaults import AUTO, BETA, Choice, resolve
 from instructkit.distributed import (
@@ -112,20 +112,8 @@ def setup_data(cfg: RunConfig) -> tuple[str, Any, Datasets]:
     collective, so a long tokenization cannot trip train.ddp_timeout."""
     model_path, tokenizer = load_config_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, cfg.seed)
-    check_objective(cfg, data.stats.get("kind", "sft"))
+    check_objective(cfg.objective, data.stats.get("kind", "sft"))
     return model_path, tokenizer, data
-
-
-def check_objective(cfg: RunConfig, kind: str) -> None:
-    """Preference objectives train on pairs and sft on demonstrations: a mismatch is refused before any
-    model is loaded."""
-    if cfg.objective == "sft" and kind == "preference":
-        raise user_error("the data holds preference pairs (chosen/rejected) but objective is sft", "objective",
-                         "set objective: dpo, orpo or simpo, or train sft on demonstration rows")
-    if cfg.objective != "sft" and kind != "preference":
-        raise user_error(f"objective: {cfg.objective} needs preference pairs {{prompt, chosen, rejected}}, and "
-                         "the data holds demonstrations", "data.train_file",
-                         "point data.train_file at preference data, or set objective: sft")
 
 
 def template_note(cfg: RunConfig, template_name: str) -> str | None:

@@ -84,6 +84,8 @@ def test_reference_free_objectives_tune_every_weight(tiny_model_dir, tmp_path, c
     assert main(["train", str(config)]) == 0
     out = capsys.readouterr().out
     assert "is not an instructkit run, so no template was trained with it" in out
+    assert main(["validate", str(config)]) == 0
+    assert "renders the pairs with the 'alpaca' template" in capsys.readouterr().out
     assert "reference log-probs" not in out  # no reference: nothing computed
     steps = [m for m in read_metrics(tmp_path / objective) if "loss" in m]
     assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"]
@@ -129,6 +131,8 @@ def test_objective_and_data_must_agree_before_any_model_loads(tiny_model_dir, tm
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "objective: dpo needs preference pairs" in err and "data.train_file" in err
+    assert main(["validate", str(config)]) == 2  # validate says it too, without a tokenizer's model loaded
+    assert "objective: dpo needs preference pairs" in capsys.readouterr().err
     config = pref_config(tmp_path, tiny_model_dir, "bad2", objective="sft")
     assert main(["train", str(config)]) == 2
     assert "holds preference pairs (chosen/rejected) but objective is sft" in capsys.readouterr().err

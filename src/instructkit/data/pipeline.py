@@ -252,8 +252,21 @@ def _build(data_cfg: DataConfig, seed: int, train_specs, eval_specs, train_src, 
     return Datasets(train, evals, template, stats)
 
 
-def check_rows(data_cfg: DataConfig, seed: int) -> str:
-    """Read and check every row without a tokenizer (for `validate`); a one-line summary, or UserError."""
+def check_objective(objective: str, kind: str) -> None:
+    """Preference objectives train on pairs and sft on demonstrations: a mismatch is refused before any
+    model is loaded."""
+    if objective == "sft" and kind == "preference":
+        raise user_error("the data holds preference pairs (chosen/rejected) but objective is sft", "objective",
+                         "set objective: dpo, orpo or simpo, or train sft on demonstration rows")
+    if objective != "sft" and kind != "preference":
+        raise user_error(f"objective: {objective} needs preference pairs {{prompt, chosen, rejected}}, and "
+                         "the data holds demonstrations", "data.train_file",
+                         "point data.train_file at preference data, or set objective: sft")
+
+
+def check_rows(data_cfg: DataConfig, seed: int, objective: str | None = None) -> str:
+    """Read and check every row without a tokenizer (for `validate`); a one-line summary, or UserError. With
+    `objective`, the data's kind must suit it."""
     parts, kinds = [], {}
     for split, specs, key in (("train", data_cfg.train_specs, "data.train_file"),
                               ("eval", data_cfg.eval_specs, "data.eval_file")):
@@ -268,6 +281,8 @@ def check_rows(data_cfg: DataConfig, seed: int) -> str:
         parts.append(f"{len(conversations)} {split} {rows}{skipped} ({chosen})")
     if "eval" in kinds:
         check_kinds(kinds["train"][0], kinds["eval"][0], kinds["train"][1], kinds["eval"][1])
+    if objective is not None:
+        check_objective(objective, kinds["train"][0])
     return "; ".join(parts)
 
 
