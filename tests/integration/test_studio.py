@@ -235,3 +235,43 @@ def test_data_preview_lists_bad_rows_with_file_and_line(client, tmp_path, tiny_m
     assert sum(report["histogram"]["counts"]) == 8
     missing = post(client, "/api/data/preview", {"values": {**values, "data.train_file": "nope.jsonl"}}).json()
     assert "nope.jsonl" in missing["error"]
+
+
+def test_runs_started_by_the_studio_go_on_when_it_stops_and_a_new_studio_finds_them(tmp_path, tiny_model_dir):
+    from instructkit.studio.runs import lock_holder
+
+    values = values_for(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "train.jsonl", ROWS))
+    values.update({"run_name": "long", "train.max_steps": "60"})
+    studios = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            studios.append(subprocess.Popen([sys.executable, "-m", "instructkit", "studio", "--runs", "runs", "--port",
+                                             str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL))
+            wait_listening(port)
+            base = f"http://127.0.0.1:{port}"
+            if len(studios) == 1:
+                body = json.dumps({"values": values}).encode()
+                assert fetch(f"{base}/api/runs/start", data=body, **{"Content-Type": "application/json"})[0] == 200
+                wait_for(lambda: lock_holder(tmp_path / "runs/long"), 60)
+                studios[0].send_signal(2)  # Ctrl-C in the studio's terminal
+                assert studios[0].wait(timeout=15) == 0
+                assert lock_holder(tmp_path / "runs/long")  # the run trains on
+        assert wait_for(lambda: json.loads(fetch(f"{base}/api/run?name=long")[2])["run"]["status"] == "completed", 180)
+    finally:
+        for proc in studios:
+            proc.kill()
+            proc.wait()
+        pid = lock_holder(tmp_path / "runs/long") if (tmp_path / "runs/long").is_dir() else None
+        if pid:
+            os.killpg(os.getpgid(pid), 9)
+
+
+def wait_for(condition, timeout: float):
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.3)
+    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 from instructkit.studio.security import COOKIE, Gate, StudioError
 
@@ -56,7 +57,7 @@ def _gate_middleware(studio: Studio):
             return _error_response(request, 415, "requests that change something must send JSON")
         if query_token and studio.gate.token:  # keep it in a cookie and take it out of the address bar
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            target = request.url.path + ("?" + "&".join(f"{k}={v}" for k, v in rest) if rest else "")
+            target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
             response = RedirectResponse(target, status_code=303)
             response.set_cookie(COOKIE, query_token, httponly=True, samesite="strict")
             return response
