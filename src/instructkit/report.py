@@ -35,9 +35,43 @@ def _plot_losses(records: list[dict], path: Path) -> bool:
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per supervised token")
+    preference = any("pref_accuracy" in r for r in records)
+    ax.set_ylabel("preference loss per pair" if preference else "loss per supervised token")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+REWARD_COLORS = (("rewards_chosen", "#2ca02c"), ("rewards_rejected", "#d62728"), ("reward_margin", "#1f77b4"))
+
+
+def _plot_preference(records: list[dict], path: Path) -> bool:
+    """A preference run's rewards (chosen, rejected, their margin) and how often the pair is ranked right,
+    on the training steps and the held-out pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any("pref_accuracy" in r or "eval_pref_accuracy" in r for r in records):
+        return False
+    fig, (rewards, accuracy) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    for prefix, style in (("", "-"), ("eval_", "o--")):
+        for key, color in REWARD_COLORS:
+            points = [(r["step"], r[prefix + key]) for r in records if prefix + key in r]
+            if points:
+                rewards.plot(*zip(*points), style, color=color, label=prefix + key)
+        points = [(r["step"], r[prefix + "pref_accuracy"]) for r in records if prefix + "pref_accuracy" in r]
+        if points:
+            accuracy.plot(*zip(*points), style, color="#9467bd", label=prefix + "pref_accuracy")
+    for ax, label in ((rewards, "reward"), (accuracy, "pairs ranked right")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -125,14 +159,27 @@ def _hyperparameters(run_dir: Path) -> list[list[str]]:
     return rows
 
 
-def _metric_rows(results: dict) -> list[list[str]]:
-    tuned, base = results["tuned"], results.get("base")
+GENERATION_ROWS = (("loss", "{:.4f}", "{:+.4f}"), ("perplexity", "{:.3f}", "{:+.3f}"),
+                   ("exact_match", "{:.1%}", "{:+.1f} pts"), ("rouge_l", "{:.1%}", "{:+.1f} pts"))
+# `eval` on preference pairs: how often each model ranks the chosen answer first, and by how much.
+PAIR_ROWS = (("pref_accuracy", "{:.1%}", "{:+.1f} pts"), ("pref_accuracy_per_token", "{:.1%}", "{:+.1f} pts"),
+             ("margin", "{:.3f}", "{:+.3f}"), ("chosen_logp", "{:.3f}", "{:+.3f}"))
+
+
+def _compare_rows(tuned: dict, base: dict | None, specs: tuple) -> list[list[str]]:
     rows = []
-    for m, fmt, diff in (("loss", "{:.4f}", "{:+.4f}"), ("perplexity", "{:.3f}", "{:+.3f}"),
-                         ("exact_match", "{:.1%}", "{:+.1f} pts"), ("rouge_l", "{:.1%}", "{:+.1f} pts")):
+    for m, fmt, diff in specs:
         change = (tuned[m] - base[m]) * (100 if "pts" in diff else 1) if base else None
         rows.append([m, fmt.format(base[m]) if base else "-", fmt.format(tuned[m]),
                      diff.format(change) if base else "-"])
+    return rows
+
+
+def _metric_rows(results: dict) -> list[list[str]]:
+    tuned, base = results["tuned"], results.get("base")
+    if results.get("kind") == "preference":
+        return _compare_rows(tuned, base, PAIR_ROWS)
+    rows = _compare_rows(tuned, base, GENERATION_ROWS)
     for task, t in tuned["per_task"].items():
         b = base["per_task"][task] if base else None
         rows.append([f"exact match: {task}", f"{b['exact_match']:.1%}" if b else "-", f"{t['exact_match']:.1%}",
@@ -165,6 +212,7 @@ def build_report(run: str | Path) -> tuple[Path, Path]:
     out.mkdir(exist_ok=True)
     records = read_metrics(run_dir)
     plots = [(name, title) for name, title, draw in (("loss.png", "Loss", _plot_losses),
+                                                     ("preference.png", "Preference rewards", _plot_preference),
                                                      ("throughput.png", "Throughput and MFU", _plot_throughput))
              if draw(records, out / name)]
     summary = [[k, v] for k, v in _summary(run_dir)]

@@ -75,6 +75,9 @@ def test_sft_then_dpo_continues_the_adapter_with_its_template(tiny_lora_run, tmp
     printed = capsys.readouterr().out
     assert "| pref_accuracy |" in printed and "n = 24 pairs" in printed and "pairs.jsonl" in printed
     assert json.loads((run / "eval/eval.json").read_text())["kind"] == "preference"
+    assert main(["report", str(run)]) == 0
+    assert (run / "report/preference.png").is_file()
+    assert "| pref_accuracy |" in (run / "report/report.md").read_text()
 
 
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])
