@@ -69,11 +69,12 @@ def _cmd_validate(args) -> int:
     where = locate_model(cfg.model.name_or_path, cfg.model.allow_pickle)
     summary = check_rows(cfg.data, cfg.seed, cfg.objective)
     # The template is checked with the model's tokenizer, so a broken user template fails here too.
-    template = resolve_template(cfg.data.template, load_config_tokenizer(cfg.model)[1])
+    tokenizer = load_config_tokenizer(cfg.model)[1]
+    template = resolve_template(cfg.data.template, tokenizer)
     print(f"config OK: {args.config}")
     print(f"  model: {where}; method {cfg.method}; objective {cfg.objective}")
     print(f"  data: {summary}; template {template.name}")
-    if note := template_note(cfg, template.name):
+    if note := template_note(cfg, template.name, bool(tokenizer.chat_template)):
         print(f"  {note}")
     try:
         plan = plan_run_dir(cfg, overwrite=False)

@@ -116,19 +116,25 @@ def setup_data(cfg: RunConfig) -> tuple[str, Any, Datasets]:
     return model_path, tokenizer, data
 
 
-def template_note(cfg: RunConfig, template_name: str) -> str | None:
+def template_note(cfg: RunConfig, template_name: str, saved_template: bool) -> str | None:
     """Which template a run starting from a model uses: inherited from the supervised run it continues (its
     final/ tokenizer carries the template it trained with), or, for a preference run on any other model, the
-    one chosen here, said out loud: pairs must be rendered the way the model was tuned."""
+    one chosen here, said out loud: pairs must be rendered the way the model was tuned. `saved_template`:
+    whether the model's tokenizer carries a chat template (a merged instructkit model or an instruct model)."""
     if training_source(cfg.model.name_or_path, cfg.model.allow_pickle).from_run:
         how = "inherited from" if cfg.data.template == AUTO else "set by data.template, not the one trained in"
         return f"template: {template_name}, {how} the run {cfg.model.name_or_path}"
     if cfg.objective == "sft":
         return None
-    return (f"note: {cfg.model.name_or_path} is not an instructkit run, so no template was trained with it; "
-            f"{cfg.objective} renders the pairs with the '{template_name}' template (data.template: "
-            f"{cfg.data.template}). If the model was supervised-tuned with another, set data.template to it, or "
-            "point model.name_or_path at the supervised run (runs/NAME), whose template is inherited")
+    if cfg.data.template != AUTO:
+        why = f"set by data.template ({cfg.data.template})"
+    elif saved_template:
+        why = "the chat template saved with the model's tokenizer, which a model tuned on it answers to"
+    else:
+        why = "the builtin fallback: the model's tokenizer carries no chat template, so no trained one is known"
+    return (f"note: {cfg.model.name_or_path} is not an instructkit run; {cfg.objective} renders the pairs with the "
+            f"'{template_name}' template: {why}. If the model was supervised-tuned with another, set data.template "
+            "to it, or point model.name_or_path at the supervised run (runs/NAME), whose template is inherited")
 
 
 def setup_recipe(cfg: RunConfig, data: Datasets, plan_dir: RunDirPlan) -> tuple[RunConfig, list[Choice]]:

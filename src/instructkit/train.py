@@ -221,7 +221,7 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     for note in plan_dir.notes:
         run.say(f"note: {note}")
     run.say(describe_data(data, cfg.data.max_length))
-    if note := template_note(cfg, data.template.name):
+    if note := template_note(cfg, data.template.name, bool(tokenizer.chat_template)):
         run.say(note)
     model = setup_model(cfg, model_path, run.plan)
     run.say(describe_model(model, model_path, run.plan))

@@ -86,7 +86,8 @@ def test_reference_free_objectives_tune_every_weight(tiny_model_dir, tmp_path, c
                          train={"learning_rate": 1e-3})
     assert main(["train", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "is not an instructkit run, so no template was trained with it" in out
+    assert "is not an instructkit run; " + objective + " renders the pairs with the 'alpaca' template: the builtin " \
+        "fallback: the model's tokenizer carries no chat template" in out
     assert main(["validate", str(config)]) == 0
     assert "renders the pairs with the 'alpaca' template" in capsys.readouterr().out
     assert "reference log-probs" not in out  # no reference: nothing computed
@@ -146,3 +147,13 @@ def test_objective_and_data_must_agree_before_any_model_loads(tiny_model_dir, tm
     assert main(["train", str(config)]) == 2
     assert "use eval_loss, eval_pref_accuracy or auto" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("bad", "bad2", "bad3", "bad4"))
+
+
+def test_a_merged_supervised_model_is_rendered_with_the_template_saved_in_it(tiny_lora_run, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    assert main(["merge", str(tiny_lora_run), "--out", str(merged)]) == 0
+    config = pref_config(tmp_path, merged, "from-merged")
+    assert main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    sft_template = json.loads((tiny_lora_run / "manifest.json").read_text())["data"]["template"]
+    assert f"template {sft_template}" in out and "the chat template saved with the model's tokenizer" in out
