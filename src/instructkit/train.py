@@ -251,14 +251,20 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     tracker = Tracker.resumed(cfg.train.best_metric, cfg.train.early_stopping_patience, progress)
     status = "failed"
     try:
-        step = fit(cfg, run, loop, objective, model, monitor, progress, tracker, has_eval=bool(data.eval))
-        manifest.update(choose_final(cfg, run, model, tracker, step))
-        run.accelerator.wait_for_everyone()
-        full_state = full_weights(model, loop.loss_fn, run.strategy, run.accelerator)
-        if run.main:
-            final = save_final(plan_dir.path, model, tokenizer, data.template, full_state)
-            manifest["final_loss"] = monitor.last_loss
-            run.say(f"saved {final}")
+        # One handler from the first step to the last file: a signal that arrives after the last step lets
+        # final/ be written (a second one stops at once) instead of interrupting the save with no checkpoint.
+        with StopOnSignal() as stop:
+            step = fit(cfg, run, loop, objective, model, monitor, progress, tracker, bool(data.eval), stop)
+            manifest.update(choose_final(cfg, run, model, tracker, step))
+            run.accelerator.wait_for_everyone()
+            full_state = full_weights(model, loop.loss_fn, run.strategy, run.accelerator)
+            if run.main:
+                final = save_final(plan_dir.path, model, tokenizer, data.template, full_state)
+                manifest["final_loss"] = monitor.last_loss
+                run.say(f"saved {final}")
+        if stop.signum is not None:
+            run.say(f"{signal.Signals(stop.signum).name} came after the last step: final/ is saved and the run is "
+                    "complete")
         status = "completed"
     except (KeyboardInterrupt, TrainingInterrupted):
         status = "interrupted"
@@ -298,7 +304,8 @@ def choose_final(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tracker: 
 
 
 def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, model: torch.nn.Module,
-        monitor: TrainingMonitor, start: TrainingProgress | None, tracker: Tracker, has_eval: bool) -> int:
+        monitor: TrainingMonitor, start: TrainingProgress | None, tracker: Tracker, has_eval: bool,
+        stop: StopOnSignal) -> int:
     """The loop: optimizer steps of `gradient_accumulation_steps` micro-batches from the resumable
     order, logging, eval and checkpoints on their schedules; a signal checkpoints and stops, and so does
     an eval loss that has not improved for `early_stopping_patience` evaluations. Returns the last step."""
@@ -325,32 +332,31 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
                     f"evaluations (best {tracker.best_value:.4f} at step {tracker.best_step})")
 
     loop.loss_fn.train()
-    with StopOnSignal() as stop:
-        while step < loop.total_steps and not tracker.should_stop:
-            loop.sampler.set_position(epoch, start_batch * tc.per_device_train_batch_size)
-            batches, done, start_batch = iter(loop.train_loader), start_batch, 0
-            while done < loop.micro_per_epoch and step < loop.total_steps and not tracker.should_stop:
-                n = min(tc.gradient_accumulation_steps, loop.micro_per_epoch - done)
-                group = [next(batches) for _ in range(n)]
-                done += n
-                out = optimizer_step(acc, loop.loss_fn, loop.optimizer, loop.scheduler, group, tc.max_grad_norm,
-                                     step + 1, run.plan.compute_precision, run.strategy,
-                                     tc.gradient_accumulation_steps, objective.count,
-                                     getattr(objective, "pop_stats", None))
-                step += 1
-                monitor.step_done(step, epoch + done / loop.micro_per_epoch, out, loop.scheduler.get_last_lr()[0])
-                if has_eval and tc.eval_steps and step % tc.eval_steps == 0:
-                    evaluate()
-                if tc.save_strategy == "steps" and step % tc.save_steps == 0 and step < loop.total_steps:
-                    checkpoint(step, epoch, done)
-                if (signum := agreed_signal(stop.signum, acc)) is not None:
-                    raise TrainingInterrupted(signum, checkpoint(step, epoch, done))
-            epoch += 1
-            if done == loop.micro_per_epoch:
-                if has_eval and not tc.eval_steps:
-                    evaluate()
-                if tc.save_strategy == "epoch" and step < loop.total_steps and not tracker.should_stop:
-                    checkpoint(step, epoch - 1, done)
+    while step < loop.total_steps and not tracker.should_stop:
+        loop.sampler.set_position(epoch, start_batch * tc.per_device_train_batch_size)
+        batches, done, start_batch = iter(loop.train_loader), start_batch, 0
+        while done < loop.micro_per_epoch and step < loop.total_steps and not tracker.should_stop:
+            n = min(tc.gradient_accumulation_steps, loop.micro_per_epoch - done)
+            group = [next(batches) for _ in range(n)]
+            done += n
+            out = optimizer_step(acc, loop.loss_fn, loop.optimizer, loop.scheduler, group, tc.max_grad_norm,
+                                 step + 1, run.plan.compute_precision, run.strategy,
+                                 tc.gradient_accumulation_steps, objective.count,
+                                 getattr(objective, "pop_stats", None))
+            step += 1
+            monitor.step_done(step, epoch + done / loop.micro_per_epoch, out, loop.scheduler.get_last_lr()[0])
+            if has_eval and tc.eval_steps and step % tc.eval_steps == 0:
+                evaluate()
+            if tc.save_strategy == "steps" and step % tc.save_steps == 0 and step < loop.total_steps:
+                checkpoint(step, epoch, done)
+            if (signum := agreed_signal(stop.signum, acc)) is not None:
+                raise TrainingInterrupted(signum, checkpoint(step, epoch, done))
+        epoch += 1
+        if done == loop.micro_per_epoch:
+            if has_eval and not tc.eval_steps:
+                evaluate()
+            if tc.save_strategy == "epoch" and step < loop.total_steps and not tracker.should_stop:
+                checkpoint(step, epoch - 1, done)
     if has_eval and tc.eval_steps and step % tc.eval_steps != 0 and not tracker.should_stop:
         evaluate()
     return step

@@ -299,3 +299,26 @@ def test_overwrite_of_a_run_removes_only_what_runs_create(tiny_config, finished_
     (run / "my-notes.txt").write_text("keep me\n")
     assert main(["train", str(config), "--overwrite"]) == 0
     assert (run / "my-notes.txt").read_text() == "keep me\n" and (run / "final").is_dir()
+
+
+SIGNAL_IN_SAVE = """
+import os, signal, sys
+import instructkit.train as tr
+original = tr.save_final
+def save_final(*args, **kwargs):  # Ctrl-C arrives while final/ is being written, after the last step
+    os.kill(os.getpid(), signal.SIGINT)
+    return original(*args, **kwargs)
+tr.save_final = save_final
+from instructkit.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_signal_after_the_last_step_lets_final_be_saved(tiny_config, tmp_path):
+    config = tiny_config(output_dir=str(tmp_path / "run"))
+    out = subprocess.run([sys.executable, "-c", SIGNAL_IN_SAVE, "train", str(config)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SIGINT came after the last step: final/ is saved and the run is complete" in out.stdout
+    assert (tmp_path / "run/final/adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "run/manifest.json").read_text())["status"] == "completed"
