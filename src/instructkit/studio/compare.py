@@ -50,7 +50,9 @@ def eval_rows(run_dirs: list[Path]) -> tuple[list[str], list[list[str]]]:
         if r and r.get("base"):
             header.append(f"{d.name} base")
             columns.append(r["base"])
-    rows = [[m] + [fmt.format(c[m]) if c else "-" for c in columns] for m, fmt in METRICS]
+    # a metric an evaluation lacks (a preference run's eval has no perplexity) is "-", not an error
+    rows = [[m] + [fmt.format(c[m]) if c and isinstance(c.get(m), (int, float)) else "-" for c in columns]
+            for m, fmt in METRICS]
     tasks = dict.fromkeys(t for c in columns if c for t in c.get("per_task", {}))
     for task in tasks if len(tasks) > 1 else ():
         rows.append([f"exact match: {task}"] + [f"{c['per_task'][task]['exact_match']:.1%}"
