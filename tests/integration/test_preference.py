@@ -157,3 +157,17 @@ def test_a_merged_supervised_model_is_rendered_with_the_template_saved_in_it(tin
     out = capsys.readouterr().out
     sft_template = json.loads((tiny_lora_run / "manifest.json").read_text())["data"]["template"]
     assert f"template {sft_template}" in out and "the chat template saved with the model's tokenizer" in out
+
+
+def test_the_studio_data_preview_shows_both_answers_of_a_pair(tiny_model_dir, tmp_path):
+    from instructkit.config import load_config
+    from instructkit.studio.preview import safe_preview
+
+    report = safe_preview(load_config(pref_config(tmp_path, tiny_model_dir, "preview")), n=1)
+    assert "error" not in report, report.get("error")
+    chosen, rejected = report["examples"]
+    assert chosen["where"].endswith("(chosen)") and rejected["where"].endswith("(rejected)")
+    supervised = ["".join(s["text"] for s in e["spans"] if s["supervised"]) for e in (chosen, rejected)]
+    assert supervised == [f"{ROWS[0]['output']}</s>", f"{pair_rows()[0]['rejected']}</s>"]
+    assert chosen["spans"][0] == rejected["spans"][0] and not chosen["spans"][0]["supervised"]  # one prompt
+    assert sum(report["histogram"]["counts"]) == len(pair_rows())

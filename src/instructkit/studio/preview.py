@@ -37,17 +37,29 @@ def preview(cfg: RunConfig, n: int = 3) -> dict:
         _, tokenizer = load_config_tokenizer(cfg.model)
         report = inspect_data(data_cfg, tokenizer, cfg.seed, n=n)
         data = build_datasets(data_cfg, tokenizer, cfg.seed)  # the same pipeline again (a cache hit): lengths, bad rows
-    lengths = [len(e.input_ids) for e in data.train]
+    lengths = [e.length for e in data.train]  # a pair's longer side
     bad = data.stats["bad_rows"]["train"]
     report["histogram"] = histogram(lengths, cfg.data.max_length)
     report["bad"] = bad.get("examples", [])
     report["bad_total"] = bad.get("bad", 0)
     too_many = bad.get("bad", 0) / max(bad.get("rows", 0), 1) > cfg.data.max_bad_fraction
     report["stops_training"] = bool(bad.get("bad")) and (cfg.data.on_bad_row == "error" or too_many)
-    for example in report["examples"]:  # the page shows spans; ids stay in `data inspect --json`
-        example["n_tokens"] = len(example.pop("input_ids"))
-        example["n_supervised"] = sum(label != -100 for label in example.pop("labels"))
+    report["examples"] = [shown for example in report["examples"] for shown in _shown(example)]
     return report
+
+
+def _shown(example: dict) -> list[dict]:
+    """What the page draws of an example: its spans and counts (ids stay in `data inspect --json`); a
+    preference pair as two examples, the prompt with the chosen answer and with the rejected one."""
+    if "chosen" not in example:
+        return [{**{k: v for k, v in example.items() if k not in ("input_ids", "labels")},
+                 "n_tokens": len(example["input_ids"]),
+                 "n_supervised": sum(label != -100 for label in example["labels"])}]
+    prompt = [{"text": example["prompt"]["text"], "supervised": False}]
+    return [{"where": f"{example['where']} ({side})", "spans": prompt + example[side]["spans"],
+             "n_tokens": len(example[side]["input_ids"]),
+             "n_supervised": sum(label != -100 for label in example[side]["labels"])}
+            for side in ("chosen", "rejected")]
 
 
 def safe_preview(cfg: RunConfig, n: int = 3) -> dict:
