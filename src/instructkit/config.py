@@ -271,6 +271,10 @@ class RunConfig(_Strict):
                              f"objective: {self.objective} use eval_loss, eval_pref_accuracy or auto")
         if self.train.best_metric == "eval_pref_accuracy" and self.objective == "sft":
             raise ValueError("train.best_metric: eval_pref_accuracy needs a preference objective (dpo, orpo, simpo)")
+        if self.eval.generate and self.objective != "sft":
+            raise ValueError(f"eval.generate scores generations against references, which preference pairs are "
+                             f"not; with objective: {self.objective} set it to false and run "
+                             "`instructkit eval RUN --data PAIRS` (ranking accuracy) or --data on demonstrations")
         if self.data.packing and self.objective != "sft":
             raise ValueError(f"data.packing with objective: {self.objective}: preference pairs are not packed "
                              "(each side is scored as a whole sequence); set data.packing: false")

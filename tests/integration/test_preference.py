@@ -38,7 +38,8 @@ def pref_config(tmp_path: Path, model: Path | str, name: str, **sections) -> Pat
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
            "data": {"train_file": str(data), "max_length": 320, "val_size": 0},
            "train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 6,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": []}}
+                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": []},
+           "eval": {}}
     for key, value in sections.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
     path = tmp_path / f"{name}.yaml"
@@ -146,7 +147,10 @@ def test_objective_and_data_must_agree_before_any_model_loads(tiny_model_dir, tm
     config = pref_config(tmp_path, tiny_model_dir, "bad4", train={"best_metric": "eval_exact_match"})
     assert main(["train", str(config)]) == 2
     assert "use eval_loss, eval_pref_accuracy or auto" in capsys.readouterr().err
-    assert not any((tmp_path / name).exists() for name in ("bad", "bad2", "bad3", "bad4"))
+    config = pref_config(tmp_path, tiny_model_dir, "bad5", eval={"generate": True}, data={"val_size": 4})
+    assert main(["train", str(config)]) == 2
+    assert "eval.generate scores generations against references" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("bad", "bad2", "bad3", "bad4", "bad5"))
 
 
 def test_a_merged_supervised_model_is_rendered_with_the_template_saved_in_it(tiny_lora_run, tmp_path, capsys):
