@@ -29,7 +29,7 @@ def digest(data, tmp: Path) -> str:
     def item(x):
         return [side(x.chosen), side(x.rejected), Path(x.where).name] if hasattr(x, "chosen") else side(x)
 
-    stats = {k: v for k, v in data.stats.items() if k not in ("cache", "data_files")}
+    stats = {k: v for k, v in data.stats.items() if k not in ("cache", "data_files", "store")}
     text = json.dumps([[item(x) for x in data.train], [item(x) for x in data.eval], stats], sort_keys=True,
                       default=str)
     for folder in (str(tmp), str(DATA), str(ROOT)):

@@ -6,40 +6,52 @@ that changes the result, so a second run starts at once and a changed file is ne
 
 from __future__ import annotations
 
+import atexit
+import errno
 import hashlib
 import json
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 from filelock import FileLock
 
 from instructkit.config import DataConfig, DatasetSpec, instructkit_home
 from instructkit.data.formats import Conversation
 from instructkit.data.preference import PairConversation, PairExample, split_pairs, to_pair_examples
-from instructkit.data.sources import BadRow, Resolved, apply_weight, read_resolved, resolve_source
+from instructkit.data.progress import RowProgress
+from instructkit.data.sources import Resolved, apply_weight, read_resolved, resolve_source
+from instructkit.data.store import StoreWriter, ids_dtype, open_splits, read_stats, save_splits, write_index
+from instructkit.data.stream import Scan, Settings, max_token_chars, scan_split, split_part
 from instructkit.data.templates import Template, resolve_template
-from instructkit.data.tokenize import Example, fit_length, tokenize_conversations
+from instructkit.data.tokenize import Example
 from instructkit.data.validate import BadRowReport, convert_records, enforce
 from instructkit.defaults import auto_val_size
 from instructkit.errors import UserError, user_error
-from instructkit.files import atomic_path
+from instructkit.files import atomic_path, remove
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # 3: user text spelling a special token is tokenized as plain text; 4: stats record val_size; 5: preference pairs
-# (train-chosen/train-rejected example sets, stats["kind"])
-CACHE_FORMAT = 5
+# (train-chosen/train-rejected example sets, stats["kind"]); 6: the memory-mapped store (data/store.py)
+CACHE_FORMAT = 6
 
 
 @dataclass
 class Datasets:
-    """Tokenized train and eval sets: `Example`s, or `PairExample`s when stats["kind"] is "preference"."""
+    """Tokenized train and eval sets: `Example`s, or `PairExample`s when stats["kind"] is "preference".
 
-    train: list[Example] | list[PairExample]
-    eval: list[Example] | list[PairExample]
+    Built or read from the cache they are lazy sequences over the memory-mapped store (`ExampleSequence`,
+    `PairSequence`: index, len, iterate, slice to a list; `.lengths` without reading tokens); code that
+    changes items (DPO's reference log-probs) puts plain lists of new objects in their place."""
+
+    train: Sequence[Example] | Sequence[PairExample]
+    eval: Sequence[Example] | Sequence[PairExample]
     template: Template
     stats: dict = field(default_factory=dict)
 
@@ -92,38 +104,25 @@ def split_off(conversations: list[Conversation] | list[PairConversation], val_si
               ) -> tuple[list, list]:
     """A seeded held-out split: a fraction < 1, or a row count >= 1. Pairs are split by prompt (all pairs of a
     prompt on one side), so a held-out prompt is never trained on."""
-    n_eval = int(round(len(conversations) * val_size)) if val_size < 1 else int(val_size)
-    if not 1 <= n_eval < len(conversations):
-        raise UserError(f"data.val_size={val_size} leaves {n_eval} of {len(conversations)} rows for eval. "
-                        "Fix: choose a size that keeps at least one row on each side.")
-    if isinstance(conversations[0], PairConversation):
-        return split_pairs(conversations, n_eval, seed)
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
+    if conversations and isinstance(conversations[0], PairConversation):
+        return split_pairs(conversations, _n_eval(len(conversations), val_size), seed)
+    held = set(held_out(len(conversations), val_size, seed))
     return ([c for i, c in enumerate(conversations) if i not in held], [conversations[i] for i in sorted(held)])
 
 
-def to_examples(conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, template: Template,
-                data_cfg: DataConfig) -> tuple[list[Example], list[BadRow], dict]:
-    """Tokenize with masks and apply the over-length policy; over-length rows are bad rows under `error`."""
-    eot_id = tokenizer.convert_tokens_to_ids(template.eot_token)
-    pairs = tokenize_conversations(conversations, tokenizer, template, data_cfg.train_on_inputs,
-                                   data_cfg.train_on_turns, data_cfg.num_proc)
-    examples, bad, dropped, truncated = [], [], [], 0
-    for conv, (ids, labels) in zip(conversations, pairs):
-        if len(ids) > data_cfg.max_length and data_cfg.overlength == "error":
-            bad.append(BadRow(conv.where, "over max_length", f"{len(ids)} tokens, over data.max_length="
-                              f"{data_cfg.max_length} (raise it, or set data.overlength to drop or truncate)"))
-            continue
-        fitted = fit_length(ids, labels, data_cfg.max_length, data_cfg.overlength, eot_id)
-        if fitted is None:
-            dropped.append(conv.where)
-            continue
-        truncated += len(ids) > data_cfg.max_length
-        examples.append(Example(fitted[0], fitted[1], conv.where))
-    return examples, bad, {"rows": len(conversations), "kept": len(examples), "dropped": len(dropped),
-                           "truncated": truncated, "dropped_examples": dropped[:5]}
+def _n_eval(n: int, val_size: float) -> int:
+    n_eval = int(round(n * val_size)) if val_size < 1 else int(val_size)
+    if not 1 <= n_eval < n:
+        raise UserError(f"data.val_size={val_size} leaves {n_eval} of {n} rows for eval. "
+                        "Fix: choose a size that keeps at least one row on each side.")
+    return n_eval
+
+
+def held_out(n: int, val_size: float, seed: int) -> list[int]:
+    """The rows (of n, ascending) a seeded split holds out: a fraction < 1, or a row count >= 1."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:_n_eval(n, val_size)])
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -141,115 +140,158 @@ def cache_key(resolved: list[Resolved], tokenizer: PreTrainedTokenizerBase, temp
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _save_examples(path: Path, examples: list[Example]) -> None:  # path has no suffix: one is added
-    import torch
-    from safetensors.torch import save_file
-
-    lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int64)
-    save_file({"input_ids": torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.int64),
-               "labels": torch.tensor([t for e in examples for t in e.labels], dtype=torch.int64),
-               "lengths": lengths}, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps([e.where for e in examples]))
+def _stale(directory: Path) -> None:
+    """Remove what an interrupted build of this entry left (its writer was killed); the caller holds the lock,
+    so no live build is writing one."""
+    for leftover in directory.parent.glob(f".{directory.name}.tmp-*"):
+        remove(leftover)
 
 
-def _load_examples(path: Path) -> list[Example]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path.with_suffix(".safetensors")))
-    where = json.loads(path.with_suffix(".json").read_text())
-    ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
-    out, start = [], 0
-    for n, w in zip(tensors["lengths"].tolist(), where):
-        out.append(Example(ids[start:start + n], labels[start:start + n], w))
-        start += n
-    return out
-
-
-def _save_split(directory: Path, name: str, examples: list, kind: str) -> None:
-    """Examples as NAME.*; pairs as NAME-chosen.* and NAME-rejected.*, row i of each being pair i."""
-    if kind != "preference":
-        _save_examples(directory / name, examples)
-        return
-    _save_examples(directory / f"{name}-chosen", [p.chosen for p in examples])
-    _save_examples(directory / f"{name}-rejected", [p.rejected for p in examples])
-
-
-def _load_split(directory: Path, name: str, kind: str) -> list:
-    if kind != "preference":
-        return _load_examples(directory / name)
-    chosen, rejected = _load_examples(directory / f"{name}-chosen"), _load_examples(directory / f"{name}-rejected")
-    return [PairExample(c, r, c.where) for c, r in zip(chosen, rejected)]
-
-
-def save_cache(directory: Path, data: Datasets) -> None:
-    """Written beside, then renamed: a reader never sees a half-written cache entry."""
-    with atomic_path(directory, keep_existing=True) as tmp:  # another process may have written it first
-        tmp.mkdir(parents=True)
-        for name, examples in (("train", data.train), ("eval", data.eval)):
-            _save_split(tmp, name, examples, data.stats["kind"])
-        (tmp / "stats.json").write_text(json.dumps(data.stats))
-
-
-def load_cache(directory: Path, template: Template) -> Datasets | None:
-    if not (directory / "stats.json").is_file():
+def open_cache(directory: Path, template: Template, cache: str) -> Datasets | None:
+    """The store in `directory` mapped as Datasets, or None when no complete one is there."""
+    stats = read_stats(directory)
+    if stats is None:
         return None
-    stats = json.loads((directory / "stats.json").read_text())
-    train, evals = (_load_split(directory, name, stats["kind"]) for name in ("train", "eval"))
-    return Datasets(train, evals, template, {**stats, "cache": "hit"})
+    train, evals = open_splits(directory, stats)
+    return Datasets(train, evals, template, {**stats, "cache": cache})
 
 
-def build_datasets(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Datasets:
-    """The tokenized train and eval sets, the template that rendered them, and what happened to each row."""
+def build_datasets(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                   progress: bool = False) -> Datasets:
+    """The tokenized train and eval sets (mapped from the store), the template that rendered them, and what
+    happened to each row. `progress`: show rows/s and the time left while tokenizing."""
     train_specs, eval_specs = data_cfg.train_specs, data_cfg.eval_specs
     train_src = resolve_sources(train_specs, "data.train_file")
     eval_src = resolve_sources(eval_specs, "data.eval_file")
     template = resolve_template(data_cfg.template, tokenizer)
-    cache_dir = instructkit_home() / "data-cache" / cache_key(train_src + eval_src, tokenizer, template, data_cfg, seed)
+    home = instructkit_home() / "data-cache"
+    sources = (train_specs, eval_specs, train_src, eval_src)
     if not data_cfg.cache:
-        return _build(data_cfg, seed, train_specs, eval_specs, train_src, eval_src, tokenizer, template)
+        # Built in a private directory, mapped, and removed when the process ends.
+        home.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix=".uncached-", dir=home))
+        atexit.register(shutil.rmtree, directory, True)
+        try:
+            _build(data_cfg, seed, sources, tokenizer, template, directory, progress)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return open_cache(directory, template, "off")  # type: ignore[return-value]
+    cache_dir = home / cache_key(train_src + eval_src, tokenizer, template, data_cfg, seed)
     # Processes of one launch (and concurrent runs) take turns: the first tokenizes and fills the cache,
-    # the others wait on the lock file (no collective, so no timeout) and read what it wrote.
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    # the others wait on the lock file (no collective, so no timeout) and map what it wrote.
+    home.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir) + ".lock"):
-        if (cached := load_cache(cache_dir, template)) is not None:
+        if (cached := open_cache(cache_dir, template, "hit")) is not None:
             return cached
-        data = _build(data_cfg, seed, train_specs, eval_specs, train_src, eval_src, tokenizer, template)
-        save_cache(cache_dir, data)
-    return data
+        _stale(cache_dir)
+        try:
+            with atomic_path(cache_dir, keep_existing=True) as tmp:  # a reader never sees half a cache
+                _build(data_cfg, seed, sources, tokenizer, template, tmp, progress)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise user_error(f"the disk is full: writing the tokenized data cache failed ({exc.strerror}); "
+                                 "nothing was kept, and earlier caches are intact", str(home),
+                                 "free space there, or set INSTRUCTKIT_HOME to a disk with room") from exc
+            raise
+    return open_cache(cache_dir, template, "miss")  # type: ignore[return-value]
 
 
-def _build(data_cfg: DataConfig, seed: int, train_specs, eval_specs, train_src, eval_src, tokenizer,
-           template: Template) -> Datasets:
-    train_conv, train_report, formats, format_counts = read_conversations(train_specs, train_src, data_cfg, seed)
-    enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
-    kind = data_kind(formats, "train")
-    eval_conv, eval_report = [], BadRowReport()
-    if eval_specs:
-        eval_conv, eval_report, eval_formats, _ = read_conversations(eval_specs, eval_src, data_cfg, seed)
-        check_kinds(kind, data_kind(eval_formats, "eval"), formats, eval_formats)
-        formats.update(eval_formats)
-        enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
-    val = auto_val_size(data_cfg.val_size, len(train_conv), bool(eval_specs))
-    if not eval_specs and val.value > 0:
-        train_conv, eval_conv = split_off(train_conv, val.value, seed)
+def _build(data_cfg: DataConfig, seed: int, sources: tuple, tokenizer, template: Template, directory: Path,
+           progress: bool) -> None:
+    """Read, check, split and tokenize into a new store in `directory`, stats.json last."""
+    train_specs, eval_specs, train_src, eval_src = sources
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = StoreWriter(directory, ids_dtype(len(tokenizer)))
+    settings = Settings(tokenizer, template, data_cfg.train_on_inputs, data_cfg.train_on_turns, data_cfg.max_length,
+                        data_cfg.overlength, tokenizer.convert_tokens_to_ids(template.eot_token),
+                        max_token_chars(tokenizer))
+    hints = [r.rows_hint for r in train_src + eval_src]
+    with RowProgress(None if None in hints else sum(hints), enabled=progress) as bar:
+        train = scan_split(train_specs, train_src, data_cfg, seed, settings, writer, bar.update)
+        if not train.rows:
+            raise UserError(f"no rows in {', '.join(s.path for s in train_specs)}. "
+                            "Fix: point the data at files with rows.")
+        train_report = BadRowReport(train.rows, train.bad)
+        enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
+        formats = _formats(train_specs, train)
+        kind = data_kind(formats, "train")
+        evals, eval_report = None, BadRowReport()
+        if eval_specs:
+            evals = scan_split(eval_specs, eval_src, data_cfg, seed, settings, writer, bar.update)
+            if not evals.rows:
+                raise UserError(f"no rows in {', '.join(s.path for s in eval_specs)}. "
+                                "Fix: point the data at files with rows.")
+            eval_report = BadRowReport(evals.rows, evals.bad)
+            eval_formats = _formats(eval_specs, evals)
+            check_kinds(kind, data_kind(eval_formats, "eval"), formats, eval_formats)
+            formats.update(eval_formats)
+            enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
+    finish = _finish_pairs if kind == "preference" else _finish_examples
+    val, train_stats, eval_stats = finish(data_cfg, seed, train, evals, train_report, eval_report, tokenizer,
+                                          template, writer, directory)
+    hashes = {k: v for r in train_src + eval_src for k, v in r.file_hashes.items()}
+    stats = {"kind": kind, "formats": formats, "format_counts": dict(train.converter.per_format),
+             "template": template.name, "data_files": hashes, "train": train_stats, "eval": eval_stats,
+             "bad_rows": {"train": train_report.to_json(), "eval": eval_report.to_json()},
+             "cache": "miss" if data_cfg.cache else "off", "val_size": {"value": val.value, "why": val.why},
+             "store": writer.close()}
+    (directory / "stats.json").write_text(json.dumps(stats))
 
-    tokenize = to_pair_examples if kind == "preference" else to_examples
-    train, bad, train_stats = tokenize(train_conv, tokenizer, template, data_cfg)
+
+def _formats(specs, scan: Scan) -> dict[str, str]:
+    return {specs[i].path: fmt for i, fmt in sorted(scan.converter.chosen.items())}
+
+
+def _no_examples(stats: dict, report: BadRowReport, max_length: int) -> UserError:
+    return UserError(f"no training examples are left: {stats['rows']} valid rows, {stats['dropped']} dropped as "
+                     f"longer than data.max_length={max_length} tokens, {len(report.bad)} bad. Fix: raise "
+                     "data.max_length or check the data.")
+
+
+def _finish_examples(data_cfg, seed, train: Scan, evals: Scan | None, train_report, eval_report, tokenizer,
+                     template, writer: StoreWriter, directory: Path) -> tuple:
+    """Split the tokenized rows (the same seeded held-out rows as `split_off`), apply the over-length report,
+    and write each split's index."""
+    n = len(train.status)
+    val = auto_val_size(data_cfg.val_size, n, evals is not None)
+    everything = np.arange(n, dtype=np.int64)
+    train_part, eval_part = (train, everything), (evals, np.arange(len(evals.status) if evals else 0))
+    if evals is None and val.value > 0:
+        held = np.array(held_out(n, val.value, seed), dtype=np.int64)
+        train_part, eval_part = (train, np.setdiff1d(everything, held)), (train, held)
+    train_entries, bad, train_stats = split_part(*train_part, data_cfg.max_length)
     train_report.bad += bad
     enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
-    evals, bad, eval_stats = tokenize(eval_conv, tokenizer, template, data_cfg) if eval_conv else ([], [], {})
+    eval_entries, bad, eval_stats = (split_part(*eval_part, data_cfg.max_length) if eval_part[0] is not None
+                                     else (np.zeros(0, np.int64), [], {}))
     eval_report.bad += bad
     enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
-    if not train:
-        raise UserError(f"no training examples are left: {train_stats['rows']} valid rows, "
-                        f"{train_stats['dropped']} dropped as longer than data.max_length={data_cfg.max_length} "
-                        f"tokens, {len(train_report.bad)} bad. Fix: raise data.max_length or check the data.")
-    hashes = {k: v for r in train_src + eval_src for k, v in r.file_hashes.items()}
-    stats = {"kind": kind, "formats": formats, "format_counts": format_counts, "template": template.name,
-             "data_files": hashes, "train": train_stats, "eval": eval_stats,
-             "bad_rows": {"train": train_report.to_json(), "eval": eval_report.to_json()},
-             "cache": "miss" if data_cfg.cache else "off", "val_size": {"value": val.value, "why": val.why}}
-    return Datasets(train, evals, template, stats)
+    if not len(train_entries):
+        raise _no_examples(train_stats, train_report, data_cfg.max_length)
+    write_index(directory, "train", train_entries)
+    write_index(directory, "eval", eval_entries)
+    return val, train_stats, eval_stats
+
+
+def _finish_pairs(data_cfg, seed, train: Scan, evals: Scan | None, train_report, eval_report, tokenizer, template,
+                  writer: StoreWriter, directory: Path) -> tuple:
+    """Pairs take the in-memory path (split by prompt, both sides tokenized together), then go to the store."""
+    train_conv, eval_conv = train.pairs, evals.pairs if evals else []
+    val = auto_val_size(data_cfg.val_size, len(train_conv), evals is not None)
+    if evals is None and val.value > 0:
+        train_conv, eval_conv = split_off(train_conv, val.value, seed)
+    pairs, bad, train_stats = to_pair_examples(train_conv, tokenizer, template, data_cfg)
+    train_report.bad += bad
+    enforce(train_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "train")
+    eval_pairs, bad, eval_stats = (to_pair_examples(eval_conv, tokenizer, template, data_cfg) if eval_conv
+                                   else ([], [], {}))
+    eval_report.bad += bad
+    enforce(eval_report, data_cfg.on_bad_row, data_cfg.max_bad_fraction, "eval")
+    if not pairs:
+        raise _no_examples(train_stats, train_report, data_cfg.max_length)
+    save_splits(directory, {"train": pairs, "eval": eval_pairs}, "preference", writer)
+    return val, train_stats, eval_stats
 
 
 def check_objective(objective: str, kind: str) -> None:

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import csv
 import glob
-import os
 import hashlib
-import io
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from instructkit.errors import user_error
+from instructkit.errors import UserError, user_error
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -50,14 +50,34 @@ class Resolved:
     fingerprint: str = ""
     split: str = "train"
     file_hashes: dict = None  # type: ignore[assignment]
+    rows_hint: int | None = None  # about how many rows (newlines, Parquet metadata), for progress
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    return hash_and_count(path)[0]
+
+
+def hash_and_count(path: str | Path) -> tuple[str, int]:
+    """(sha256, newlines) in one read: the newline count is the progress bar's row estimate."""
+    digest, lines = hashlib.sha256(), 0
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+            lines += chunk.count(b"\n")
+    return digest.hexdigest(), lines
+
+
+def _rows_hint(path: Path, lines: int) -> int | None:
+    """About how many rows a file holds (for the ETA), when that is cheap to know."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (OSError, ValueError):
+            return None
+    return lines if suffix in (".jsonl", ".csv") else None
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -110,9 +130,13 @@ def resolve_source(name: str, split: str, key: str) -> Resolved:
     """Find the files (hashing their contents) or load the hub dataset (from its cache when offline)."""
     files = _expand(name, key)
     if files is not None:
-        hashes = {str(f): sha256_file(f) for f in files}
+        hashes, hints = {}, []
+        for file in files:
+            hashes[str(file)], lines = hash_and_count(file)
+            hints.append(_rows_hint(file, lines))
         digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
-        return Resolved(name, files, None, digest, "train", hashes)
+        hint = None if None in hints else sum(hints)  # type: ignore[arg-type]
+        return Resolved(name, files, None, digest, "train", hashes, hint)
     try:
         import datasets
 
@@ -122,97 +146,117 @@ def resolve_source(name: str, split: str, key: str) -> Resolved:
                          f"({type(exc).__name__}: {str(exc)[:200]})", key,
                          "check the path, or make the dataset available in the local Hugging Face cache") from exc
     fingerprint = f"hub:{name}:{split}:{dataset._fingerprint}"
-    return Resolved(name, [], dataset, fingerprint, split, {f"{name}[{split}]": fingerprint})
+    return Resolved(name, [], dataset, fingerprint, split, {f"{name}[{split}]": fingerprint}, len(dataset))
 
 
-def _lines(path: Path) -> list[tuple[int, str | None, str]]:
-    """(line number, decoded text or None, error) for each line of a file."""
-    out = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        try:
-            out.append((number, raw.decode("utf-8"), ""))
-        except UnicodeDecodeError as exc:
-            out.append((number, None, f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not UTF-8"))
-    return out
-
-
-def _read_jsonl(path: Path) -> tuple[list[Record], list[BadRow]]:
-    records, bad = [], []
-    for number, line, error in _lines(path):
-        where = f"{path}:{number}"
-        if line is None:
-            bad.append(BadRow(where, "not UTF-8", error))
-            continue
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(BadRow(where, "invalid JSON", f"{exc.msg} at column {exc.colno}"))
-            continue
-        if not isinstance(row, dict):
-            bad.append(BadRow(where, "not an object", f"a JSON {type(row).__name__} where an object was expected"))
-            continue
-        records.append(Record(row, where))
-    return records, bad
-
-
-def _read_text(path: Path) -> str:
-    for number, line, error in _lines(path):
-        if line is None:
-            raise user_error(error, f"{path}:{number}", "re-encode the file as UTF-8")
-    return path.read_text(encoding="utf-8")
-
-
-def _read_json(path: Path) -> tuple[list[Record], list[BadRow]]:
+def _decode(raw: bytes) -> tuple[str | None, str]:
+    """(text, "") or (None, why the bytes are not UTF-8)."""
     try:
-        rows = json.loads(_read_text(path))
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        return None, f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not UTF-8"
+
+
+def _iter_jsonl(path: Path) -> Iterator[Record | BadRow]:
+    """One line at a time, so memory does not grow with the file."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            line, error = _decode(raw[:-1] if raw.endswith(b"\n") else raw)
+            if line is None:
+                yield BadRow(where, "not UTF-8", error)
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield BadRow(where, "invalid JSON", f"{exc.msg} at column {exc.colno}")
+                continue
+            if not isinstance(row, dict):
+                yield BadRow(where, "not an object", f"a JSON {type(row).__name__} where an object was expected")
+                continue
+            yield Record(row, where)
+
+
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> UserError:
+    """The first line that is not UTF-8, found once decoding failed (the bytes are read only on that path)."""
+    line_start = data.rfind(b"\n", 0, exc.start) + 1
+    number = data.count(b"\n", 0, exc.start) + 1
+    return user_error(f"byte 0x{data[exc.start]:02x} at column {exc.start - line_start + 1} is not UTF-8",
+                      f"{path}:{number}", "re-encode the file as UTF-8")
+
+
+def _iter_json(path: Path) -> Iterator[Record | BadRow]:
+    data = path.read_bytes()  # a JSON list is parsed whole; read once (JSON Lines streams)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, data, exc) from None
+    del data
+    try:
+        rows = json.loads(text)
     except json.JSONDecodeError as exc:
         raise user_error(f"not valid JSON ({exc.msg} at column {exc.colno})", f"{path}:{exc.lineno}",
                          "fix the JSON there, or write one object per line as .jsonl") from exc
     if not isinstance(rows, list):
         raise user_error("a .json data file must hold a list of objects", str(path),
                          "wrap the rows in [ ... ] or use JSON Lines")
-    records, bad = [], []
     for index, row in enumerate(rows):
         if isinstance(row, dict):
-            records.append(Record(row, f"{path}#{index}"))
+            yield Record(row, f"{path}#{index}")
         else:
-            bad.append(BadRow(f"{path}#{index}", "not an object", f"a {type(row).__name__}, not an object"))
-    return records, bad
+            yield BadRow(f"{path}#{index}", "not an object", f"a {type(row).__name__}, not an object")
 
 
-def _read_csv(path: Path) -> tuple[list[Record], list[BadRow]]:
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    records = []
-    for row in reader:
-        records.append(Record({k: v for k, v in row.items() if k is not None}, f"{path}:{reader.line_num}"))
-    return records, []
+def _iter_csv(path: Path) -> Iterator[Record | BadRow]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            for row in reader:
+                yield Record({k: v for k, v in row.items() if k is not None}, f"{path}:{reader.line_num}")
+        except UnicodeDecodeError as exc:
+            data = path.read_bytes()
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as found:
+                raise _not_utf8(path, data, found) from None
+            raise user_error(f"not UTF-8 ({exc})", str(path), "re-encode the file as UTF-8") from None
 
 
-def _read_parquet(path: Path) -> tuple[list[Record], list[BadRow]]:
+def _iter_parquet(path: Path) -> Iterator[Record | BadRow]:
     import pyarrow.parquet as pq
 
+    index = 0
     try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # noqa: BLE001 - pyarrow's errors for a broken file vary
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)  # row groups in slices, never the whole file
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield Record(row, f"{path}#{index}")
+                index += 1
+    except (OSError, ValueError) as exc:  # pyarrow's errors for a broken file (ArrowException subclasses these)
         raise user_error(f"cannot read the Parquet file ({exc})", str(path), "check the file") from exc
-    return [Record(row, f"{path}#{i}") for i, row in enumerate(rows)], []
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+READERS = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv, ".parquet": _iter_parquet}
+
+
+def iter_resolved(resolved: Resolved, source: int = 0) -> Iterator[Record | BadRow]:
+    """Rows of one resolved source, streamed, tagged with its index; unreadable rows as `BadRow`s in place."""
+    if resolved.dataset is not None:
+        for i, row in enumerate(resolved.dataset):
+            yield Record(dict(row), f"{resolved.name}[{resolved.split}]#{i}", source)
+        return
+    for file in resolved.files:
+        for item in READERS[file.suffix.lower()](file):
+            yield item if isinstance(item, BadRow) else Record(item.data, item.where, source)
 
 
 def read_resolved(resolved: Resolved, source: int = 0) -> tuple[list[Record], list[BadRow]]:
-    """All rows of one resolved source, tagged with its index."""
-    if resolved.dataset is not None:
-        return [Record(dict(row), f"{resolved.name}[{resolved.split}]#{i}", source)
-                for i, row in enumerate(resolved.dataset)], []
+    """All rows of one resolved source, tagged with its index (for callers that want lists)."""
     records, bad = [], []
-    for file in resolved.files:
-        got, wrong = READERS[file.suffix.lower()](file)
-        records += [Record(r.data, r.where, source) for r in got]
-        bad += wrong
+    for item in iter_resolved(resolved, source):
+        (bad if isinstance(item, BadRow) else records).append(item)
     return records, bad
 
 

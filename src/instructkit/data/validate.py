@@ -40,29 +40,42 @@ class BadRowReport:
                 "examples": [{"where": b.where, "reason": b.reason, "detail": b.detail} for b in self.bad[:200]]}
 
 
+class Converter:
+    """Rows -> conversations one at a time (a `PairConversation` for a row of a preference source), keeping
+    the format chosen per source index and the valid rows per format. `formats[i]` / `columns[i]` belong to
+    source i; an `auto` format is detected from that source's first row."""
+
+    def __init__(self, formats: list[str], columns: list[dict | None]):
+        self.formats, self.columns = formats, columns
+        self.chosen: dict[int, str] = {}
+        self.per_format: Counter = Counter()
+
+    def convert(self, record: Record) -> Conversation | PairConversation | BadRow:
+        row = rename_columns(record.data, self.columns[record.source])
+        fmt = self.chosen.get(record.source)
+        if fmt is None:
+            fmt = self.chosen[record.source] = (detect_format(row, record.where)
+                                                if self.formats[record.source] == "auto"
+                                                else self.formats[record.source])
+        try:
+            out = to_pair(row, record.where) if fmt == "preference" else Conversation(to_messages(row, fmt),
+                                                                                       record.where)
+        except RowError as exc:
+            return BadRow(record.where, exc.reason, exc.detail)
+        self.per_format[fmt] += 1
+        return out
+
+
 def convert_records(records: list[Record], formats: list[str], columns: list[dict | None]
                     ) -> tuple[list[Conversation | PairConversation], list[BadRow], dict[int, str], Counter]:
-    """Conversations of the valid rows (a `PairConversation` for each row of a preference source), the bad
-    rows, the format used per source index, and the valid rows per format.
-
-    `formats[i]` / `columns[i]` belong to source i; an `auto` format is detected from that source's
-    first row.
-    """
-    chosen: dict[int, str] = {}
-    conversations, bad, per_format = [], [], Counter()
+    """Conversations of the valid rows, the bad rows, the format used per source index, and the valid rows
+    per format (see `Converter`)."""
+    converter = Converter(formats, columns)
+    conversations, bad = [], []
     for record in records:
-        row = rename_columns(record.data, columns[record.source])
-        fmt = chosen.get(record.source)
-        if fmt is None:
-            fmt = chosen[record.source] = (detect_format(row, record.where) if formats[record.source] == "auto"
-                                           else formats[record.source])
-        try:
-            conversations.append(to_pair(row, record.where) if fmt == "preference"
-                                 else Conversation(to_messages(row, fmt), record.where))
-            per_format[fmt] += 1
-        except RowError as exc:
-            bad.append(BadRow(record.where, exc.reason, exc.detail))
-    return conversations, bad, chosen, per_format
+        out = converter.convert(record)
+        (bad if isinstance(out, BadRow) else conversations).append(out)
+    return conversations, bad, converter.chosen, converter.per_format
 
 
 def enforce(report: BadRowReport, on_bad_row: str, max_bad_fraction: float, split: str) -> None:
