@@ -139,9 +139,17 @@ def count_supervised(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+LN2 = 0.6931471805599453
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (where each form loses precision)."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (where each form loses precision). Each branch
+    only ever sees inputs it handles, since torch.where backpropagates through both: x at 0 (an answer whose
+    every token has probability 1 in fp32) would otherwise give an infinite value and a NaN gradient."""
+    low = x < -LN2
+    left = torch.log1p(-torch.exp(torch.where(low, x, torch.full_like(x, -LN2))))
+    right = torch.log(-torch.expm1(torch.where(low, torch.full_like(x, -LN2), x).clamp(max=-1e-7)))
+    return torch.where(low, left, right)
 
 
 class PreferenceLoss(torch.nn.Module):
@@ -168,10 +176,11 @@ class PreferenceLoss(torch.nn.Module):
     def sequence_logps(self, input_ids: torch.Tensor, labels: torch.Tensor,
                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed answer log-prob, answer tokens) per row."""
-        token_logps, rows = self.scorer.token_logps(input_ids, labels, attention_mask)
-        n = input_ids.shape[0]
-        logps = token_logps.new_zeros(n).index_add(0, rows, token_logps)
-        return logps, token_logps.new_zeros(n).index_add(0, rows, torch.ones_like(token_logps))
+        token_logps, _ = self.scorer.token_logps(input_ids, labels, attention_mask)
+        keep = labels[:, 1:] != IGNORE
+        # Scattered back into rows and summed along them (not index_add, whose CUDA sums are not deterministic).
+        per_position = token_logps.new_zeros(keep.shape).masked_scatter(keep, token_logps)
+        return per_position.sum(1), keep.sum(1).to(token_logps.dtype)
 
     def terms(self, logps: torch.Tensor, lengths: torch.Tensor, ref_logps: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,7 +191,8 @@ class PreferenceLoss(torch.nn.Module):
                 raise RuntimeError("dpo needs the batch's ref_logps (reference.attach_reference)")
             chosen, rejected = self.beta * (logps[:b] - ref_logps[:b]), self.beta * (logps[b:] - ref_logps[b:])
             return self._sigmoid_loss(chosen - rejected), chosen, rejected
-        mean = logps / lengths.clamp(min=1)
+        # A pair side without answer tokens (eval filler) gets a stand-in mean; its pair is masked out later.
+        mean = torch.where(lengths > 0, logps / lengths.clamp(min=1), torch.full_like(logps, -1.0))
         chosen, rejected = self.beta * mean[:b], self.beta * mean[b:]
         if self.kind == "simpo":
             return self._sigmoid_loss(chosen - rejected - self.gamma), chosen, rejected

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from instructkit.checkpoint import TrainingProgress, load_checkpoint, read_progress
 from instructkit.config import DTYPES, RunConfig
 from instructkit.data.collate import pad_batch, pad_pairs
-from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
+from instructkit.data.packing import PackedRows, check_isolation, pack, packed_batch, packing_efficiency
 from instructkit.data.pipeline import Datasets, build_datasets, check_objective
 from instructkit.data.sampler import ResumableSampler
+from instructkit.data.store import lengths_of
 from instructkit.defaults import AUTO, BETA, Choice, resolve
 from instructkit.distributed import (
     check_distributed,
@@ -165,16 +166,19 @@ def setup_model(cfg: RunConfig, model_path: str, plan: LoadPlan) -> torch.nn.Mod
         enable_checkpointing(model)
     adapter = training_source(cfg.model.name_or_path, cfg.model.allow_pickle).adapter
     if adapter is not None:
-        return continue_adapter(model, adapter, cfg.method == "lora")
+        return continue_adapter(model, adapter, cfg.method == "lora", cfg)
     if cfg.method == "lora":
         model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing, cfg.model.load_in_4bit)
     return model
 
 
-def continue_adapter(model: torch.nn.Module, adapter: Path, trainable: bool) -> torch.nn.Module:
+def continue_adapter(model: torch.nn.Module, adapter: Path, trainable: bool, cfg: RunConfig) -> torch.nn.Module:
     """A supervised run's LoRA adapter on its base: trained on (method: lora, keeping its rank and targets,
     so lora.* settings do not apply), or merged into the weights for full tuning."""
-    from peft import PeftModel
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    if cfg.model.load_in_4bit:  # as apply_lora prepares a quantized base for a new adapter
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
 
     with quiet_peft():
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
@@ -198,16 +202,25 @@ def setup_reference(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, mo
     need none. Before any checkpoint is restored, so a resumed run's reference is its start's."""
     if cfg.objective != "dpo":
         return data
+    import torch
+
     from instructkit.reference import attach_reference, weights_fingerprint
 
     if not cfg.model.load_in_4bit:
         model.to(run.accelerator.device)
     source = training_source(cfg.model.name_or_path, cfg.model.allow_pickle)
+    compute = run.plan.compute_precision
+    # Everything that changes the numbers is in the key: the weights, how they are loaded, and how computed.
     weights = [weights_fingerprint(source.path, cfg.model.revision),
-               source.adapter and weights_fingerprint(source.adapter), cfg.method, run.plan.weights_dtype]
+               source.adapter and weights_fingerprint(source.adapter), cfg.method, run.plan.weights_dtype,
+               cfg.model.load_in_4bit, run.plan.attn_implementation, run.accelerator.device.type]
+    device = run.accelerator.device
+
+    def autocast():  # the policy's compute precision, whatever engine autocasts (or not) during training
+        return torch.autocast(device.type, dtype=getattr(torch, DTYPES[compute]), enabled=compute != "fp32")
+
     splits = attach_reference(objective, model, {"train": data.train, "eval": data.eval}, weights,
-                              run.plan.compute_precision, cfg.train.per_device_eval_batch_size, pad_id,
-                              run.accelerator.device, run.accelerator.autocast,
+                              compute, cfg.train.per_device_eval_batch_size, pad_id, device, autocast,
                               fresh_adapter=cfg.method == "lora" and source.adapter is None, cache=cfg.data.cache,
                               say=run.say)
     return dataclasses.replace(data, train=splits["train"], eval=splits["eval"])
@@ -239,17 +252,18 @@ def setup_train_set(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tokeni
                     data: Datasets) -> tuple[list, Callable[[list], dict], list[int]]:
     """(items, collate, lengths): examples, or packed rows of them when data.packing is on (after
     checking that this model keeps packed examples apart)."""
+    lengths = lengths_of(data.train)  # from the store's index: no example is read
     if data.stats.get("kind") == "preference":
-        return data.train, collate_for("preference", tokenizer.pad_token_id), [p.length for p in data.train]
+        return data.train, collate_for("preference", tokenizer.pad_token_id), lengths
     if not cfg.data.packing:
-        return data.train, partial(pad_batch, pad_id=tokenizer.pad_token_id), [len(e.input_ids) for e in data.train]
+        return data.train, partial(pad_batch, pad_id=tokenizer.pad_token_id), lengths
     check_isolation(model, len(tokenizer), next(model.parameters()).device,
                     atol=1e-3 if run.plan.compute_precision == "fp32" else 5e-2)
-    lengths = [len(e.input_ids) for e in data.train]
-    rows = [[data.train[i] for i in b] for b in pack(lengths, cfg.data.max_length)]
+    bins = pack(lengths, cfg.data.max_length)
+    rows = PackedRows(data.train, bins, lengths)
     run.say(f"packing: {len(data.train)} examples in {len(rows)} rows of <= {cfg.data.max_length} tokens "
-            f"({packing_efficiency(lengths, cfg.data.max_length):.1%} filled)")
-    return rows, packed_batch, [sum(len(e.input_ids) for e in row) for row in rows]
+            f"({packing_efficiency(lengths, cfg.data.max_length, bins):.1%} filled)")
+    return rows, packed_batch, rows.lengths
 
 
 def setup_loop(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: torch.nn.Module,

@@ -122,6 +122,15 @@ def test_token_off_loopback_cookie_after_it_and_403_otherwise(tmp_path):
         assert fetch(f"{base}/api/runs", Cookie=cookie)[0] == 200
         assert fetch(f"{base}/api/runs", Authorization="Bearer s3cret-token")[0] == 200
         assert fetch(f"{base}/api/runs", Authorization="Bearer nope")[0] == 403
+        # A stale cookie (an earlier studio's token) does not shadow the token in the address, and a wrong
+        # token in the address neither admits nor replaces a good cookie; no redirect leaves the site.
+        stale = "instructkit_studio_token=old-token"
+        code, headers, _ = fetch(f"{base}/?token=s3cret-token", follow=False, Cookie=stale)
+        assert code == 303 and headers["location"] == "/"
+        code, headers, _ = fetch(f"{base}/?token=junk", follow=False, Cookie=cookie)
+        assert code == 200 and "set-cookie" not in headers
+        code, headers, _ = fetch(f"{base}//evil.example/x?token=s3cret-token", follow=False)
+        assert code == 303 and headers["location"] == "/evil.example/x"
     finally:
         proc.terminate()
         proc.wait(timeout=15)

@@ -155,6 +155,9 @@ def test_simpo_and_label_smoothing_follow_their_formulas():
     assert loss[0].item() == pytest.approx(-0.1 * math.log(sig(log_odds)), abs=1e-6)
     x = torch.tensor([-1e-6, -0.5, -0.7, -30.0], dtype=torch.float64)
     assert torch.allclose(log1mexp(x), torch.log(1 - torch.exp(x)), rtol=1e-6)
+    edge = torch.tensor([0.0, -1e-12, -1e-3], requires_grad=True)  # an answer every token of which is certain
+    log1mexp(edge).sum().backward()
+    assert torch.isfinite(edge.grad).all()
 
 
 def _pairs_batch(tokenizer, n: int, seed: int) -> dict:
@@ -211,16 +214,20 @@ def test_a_batch_split_into_micro_batches_gives_the_same_gradient(tokenizer, kin
     assert out_one["stats"] == pytest.approx(out_two["stats"], abs=1e-5) and out_one["stats"][0] == 4
 
 
-def test_a_pair_without_supervised_tokens_counts_for_nothing(tokenizer):
-    """The filler that evens out eval shards across processes (labels all IGNORE) adds no loss, pair or reward."""
+@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_a_pair_without_supervised_tokens_counts_for_nothing(tokenizer, kind):
+    """The filler that evens out eval shards across processes (labels all IGNORE) adds no loss, pair or reward
+    (and no NaN: ORPO's log odds of an empty answer would be log(1 - exp(0)))."""
     batch = _pairs_batch(tokenizer, 3, seed=5)
     filler = {k: v.clone() for k, v in batch.items()}
     filler["labels"][[2, 5]] = IGNORE
-    objective = PreferenceLoss(tiny(0, tokenizer), "simpo", 2.0)
+    objective = PreferenceLoss(tiny(0, tokenizer), kind, 2.0)
     with torch.no_grad():
         full = objective(**batch, sums=True)
         part = objective(**filler, sums=True)
         two = {k: v[[0, 1, 3, 4]] for k, v in batch.items()}
         expected = objective(**two, sums=True)
-    assert objective.count(filler) == 2 and part[1] == 2 and full[1] == 3
-    assert torch.allclose(part, expected, atol=1e-5)
+    k = 2 if kind == "orpo" else 1
+    assert objective.count(filler) == (2 if kind != "orpo" else (2, objective.count(two)[1]))
+    assert part[k] == 2 and full[k] == 3
+    assert torch.isfinite(part).all() and torch.allclose(part, expected, atol=1e-5)

@@ -39,6 +39,17 @@ def _field(body: dict, key: str, kind: type = str):
     return value
 
 
+def _number(body: dict, key: str, default: int) -> int:
+    """An optional whole number of the request (a count, a token budget); 400 when it is something else."""
+    value = body.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise StudioError(400, f"'{key}' must be a whole number, not {value!r}") from None
+
+
 def _run_dir(request: Request, name: str) -> Path:
     """runs/NAME as the user wrote --runs (so commands and paths read as in a terminal), once its resolved
     path is known to be inside it."""
@@ -110,7 +121,7 @@ async def data_preview(request: Request) -> dict:
     if any(k.startswith(("model.", "data.")) or k in ("", "seed") for k in checked.errors):
         _require_valid(checked)
     cfg = RunConfig.model_validate({**checked.config, "run_name": "preview", "output_dir": None})
-    n = max(1, min(int(body.get("n", 3)), 20))
+    n = max(1, min(_number(body, "n", 3), 20))
     return await run_in_threadpool(safe_preview, cfg, n)
 
 
@@ -176,7 +187,7 @@ async def chat_turn(request: Request) -> dict:
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("user"), str) for t in turns):
         raise StudioError(400, "'turns' must be a list of {user, tuned, base}")
     return await run_in_threadpool(chat.answer, run_dir, name, _field(body, "prompt"), str(body.get("system") or ""),
-                                   turns, bool(body.get("base", True)), int(body.get("max_new_tokens") or 128))
+                                   turns, bool(body.get("base", True)), _number(body, "max_new_tokens", 128))
 
 
 def _job_steps(run_dir: Path, kind: str, body: dict) -> tuple[list[tuple[str, list[str]]], str | None]:

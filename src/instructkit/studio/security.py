@@ -81,8 +81,10 @@ class Gate:
         if self.token is None:
             return None
         bearer = headers.get("authorization", "")
-        given = bearer[7:] if bearer.lower().startswith("bearer ") else cookies.get(COOKIE) or query_token
-        if self.token_ok(given):
+        # Any one valid credential admits: the address's token first, so the URL a restarted studio prints
+        # works even while the browser still holds the previous studio's cookie.
+        given = [bearer[7:]] if bearer.lower().startswith("bearer ") else [query_token, cookies.get(COOKIE)]
+        if any(self.token_ok(token) for token in given):
             return None
         return ("this studio needs its token: open the URL that `instructkit studio` printed (it ends in "
                 "?token=...), or send 'Authorization: Bearer TOKEN'")

@@ -55,9 +55,10 @@ def _gate_middleware(studio: Studio):
         if request.method == "POST" and request.headers.get("content-type", "").split(";")[0] != "application/json":
             # A cross-site HTML form can post only form encodings; JSON needs the studio's own script.
             return _error_response(request, 415, "requests that change something must send JSON")
-        if query_token and studio.gate.token:  # keep it in a cookie and take it out of the address bar
+        if query_token and studio.gate.token_ok(query_token):  # into a cookie, out of the address bar
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
+            # One leading slash: "//host/x" would be a redirect to another site.
+            target = "/" + request.url.path.lstrip("/") + (f"?{urlencode(rest)}" if rest else "")
             response = RedirectResponse(target, status_code=303)
             response.set_cookie(COOKIE, query_token, httponly=True, samesite="strict")
             return response
