@@ -109,7 +109,7 @@ def _cmd_data_prepare(args) -> int:
         raise UserError("data prepare fills the tokenized-data cache, and data.cache is false. "
                         "Fix: set data.cache: true (the default)")
     _, tokenizer = load_config_tokenizer(cfg.model)
-    data = build_datasets(cfg.data, tokenizer, cfg.seed)
+    data = build_datasets(cfg.data, tokenizer, cfg.seed, progress=True)
     print(describe_data(data, cfg.data.max_length))
     print("train reads this cache at start, so no process waits on tokenizing")
     return EXIT_OK

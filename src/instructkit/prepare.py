@@ -193,7 +193,8 @@ def setup_objective(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
         return SupervisedLoss(model, compile=cfg.train.compile)
     pref = cfg.preference
     beta = BETA[cfg.objective] if pref.beta == AUTO else pref.beta  # (training resolves it first: setup_recipe)
-    return PreferenceLoss(model, cfg.objective, beta, pref.label_smoothing, pref.gamma, compile=cfg.train.compile)
+    return PreferenceLoss(model, cfg.objective, beta, pref.label_smoothing, pref.gamma, pref.nll_weight,
+                          compile=cfg.train.compile)
 
 
 def setup_reference(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: torch.nn.Module,

@@ -10,6 +10,8 @@ loaded model really isolates examples is checked on the model itself before trai
 from __future__ import annotations
 
 import bisect
+import heapq
+from collections.abc import Sequence as SequenceABC
 from typing import TYPE_CHECKING, Sequence
 
 from instructkit.config import IGNORE
@@ -21,29 +23,63 @@ if TYPE_CHECKING:
 
 
 def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Indices grouped into bins of total length <= max_length, best fit, longest first."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    """Indices grouped into bins of total length <= max_length, best fit, longest first (ties: lower index
+    first; among bins with equal room, the oldest).
+
+    Bins are kept by remaining room (at most max_length + 1 distinct values, each with a heap of bin
+    numbers), so an example costs O(log) rather than a pass over every open bin: a million examples pack
+    in seconds."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > max_length:
+        i = int(np.flatnonzero(lengths > max_length)[0])
+        raise ValueError(f"example {i} has {int(lengths[i])} tokens, over max_length={max_length}")
+    order = np.argsort(-lengths, kind="stable").tolist()
+    sizes = lengths.tolist()
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (remaining room, bin index), kept sorted
+    rooms: list[int] = []  # distinct remaining rooms with open bins, sorted
+    by_room: dict[int, list[int]] = {}  # room -> heap of bin numbers
     for i in order:
-        size = lengths[i]
-        if size > max_length:
-            raise ValueError(f"example {i} has {size} tokens, over max_length={max_length}")
-        slot = bisect.bisect_left(free, (size, -1))
-        if slot < len(free):
-            room, b = free.pop(slot)
+        size = sizes[i]
+        slot = bisect.bisect_left(rooms, size)
+        if slot < len(rooms):
+            room = rooms[slot]
+            b = heapq.heappop(by_room[room])
+            if not by_room[room]:
+                rooms.pop(slot)
             bins[b].append(i)
-            bisect.insort(free, (room - size, b))
         else:
+            room, b = max_length, len(bins)
             bins.append([i])
-            bisect.insort(free, (max_length - size, len(bins) - 1))
+        left = room - size
+        if not by_room.get(left):
+            by_room[left] = []
+            bisect.insort(rooms, left)
+        heapq.heappush(by_room[left], b)
     return bins
 
 
-def packing_efficiency(lengths: Sequence[int], max_length: int) -> float:
+def packing_efficiency(lengths: Sequence[int], max_length: int, bins: list[list[int]] | None = None) -> float:
     """Real tokens / token slots when packed into rows of max_length."""
-    bins = pack(lengths, max_length)
-    return sum(lengths) / (len(bins) * max_length) if bins else 0.0
+    bins = pack(lengths, max_length) if bins is None else bins
+    return float(sum(lengths)) / (len(bins) * max_length) if bins else 0.0
+
+
+class PackedRows(SequenceABC):
+    """Packed rows as a lazy list: row i is the examples of bin i, read when the loader asks for it."""
+
+    def __init__(self, examples: Sequence[Example], bins: list[list[int]], lengths: Sequence[int]):
+        self.examples, self.bins = examples, bins
+        self.lengths = [int(sum(lengths[i] for i in b)) for b in bins]
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return [self.examples[j] for j in self.bins[i]]
 
 
 def packed_batch(packs: Sequence[Sequence[Example]]) -> dict:

@@ -4,7 +4,7 @@ batches an uninterrupted run would have seen, starting mid-epoch without replayi
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 class ResumableSampler:
@@ -17,9 +17,12 @@ class ResumableSampler:
     GROUP = 50  # batches whose examples are sorted by length together when grouping by length
 
     def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1,
-                 lengths: list[int] | None = None, batch_size: int = 1):
+                 lengths: Sequence[int] | None = None, batch_size: int = 1):
+        import numpy as np
+
         self.size, self.seed, self.rank, self.world = size, seed, rank, world
-        self.lengths, self.batch_size = lengths, batch_size
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+        self.batch_size = batch_size
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
@@ -43,10 +46,14 @@ class ResumableSampler:
         into batches, and shuffle the batches, all seeded by (seed, epoch)."""
         import random
 
+        import numpy as np
+
         window = self.GROUP * self.batch_size
         batches = []
         for start in range(0, len(order), window):
-            chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            part = np.asarray(order[start:start + window], dtype=np.int64)
+            # longest first, ties in their shuffled order (a stable sort, as `sorted` with a key is)
+            chunk = part[np.argsort(-self.lengths[part], kind="stable")].tolist()
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         random.Random(self.seed * 1000003 + self.epoch).shuffle(batches)
         return [i for batch in batches for i in batch]
