@@ -49,7 +49,7 @@ def evaluate(model: str, work: Path, name: str) -> dict:
 
 
 def table(results: dict) -> str:
-    stages = [s for s in ("untuned", "sft", "dpo") if s in results["evals"]]
+    stages = list(results["evals"])
     tasks = sorted(results["evals"]["sft"]["pairs"]["per_task"])
     head = "| task | in SFT data | " + " | ".join(f"pref accuracy {s}" for s in stages) + " | " + \
         " | ".join(f"exact match {s}" for s in stages) + " |"
@@ -63,9 +63,11 @@ def table(results: dict) -> str:
                 cells.append(f"{100 * value:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
     times = results["seconds"]
-    lines += ["", f"SFT: {results['sft_rows']} rows, {times['sft']:.0f} s; DPO: {times['dpo']:.0f} s "
-              f"(reference pass included); {results['test_pairs']} held-out pairs, {results['test_prompts']} held-out "
-              "prompts"]
+    spent = "; ".join(f"{name}: {seconds:.0f} s" for name, seconds in times.items())
+    lines += ["", f"SFT on {results['sft_rows']} rows; training time {spent} (DPO's reference pass included); "
+              f"{results['test_pairs']} held-out pairs, {results['test_prompts']} held-out prompts; variants: "
+              + "; ".join(f"{name} = {' '.join(o) or 'configs/quickstart-dpo.yaml'}"
+                          for name, o in results["variants"].items())]
     return "\n".join(lines)
 
 
@@ -74,23 +76,27 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results-preference")
     parser.add_argument("--sft-tasks", default="sentiment,topic,json_field")
     parser.add_argument("--skip-untuned", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=["dpo"],
+                        help="DPO runs from the same SFT run: NAME or NAME:key=value,key=value (config overrides)")
     args = parser.parse_args()
     tasks = set(args.sft_tasks.split(","))
+    variants = {v.partition(":")[0]: [o for o in v.partition(":")[2].split(",") if o] for v in args.variants}
     with tempfile.TemporaryDirectory(prefix="bench-preference-") as tmp:
         work = Path(tmp)
         sft_rows = only_tasks(DATA / "train.jsonl", work / "train.jsonl", tasks)
         only_tasks(DATA / "eval.jsonl", work / "eval.jsonl", tasks)
         seconds = {"sft": run("train", "configs/quickstart.yaml", f"output_dir={work / 'sft'}",
                               f"data.train_file={work / 'train.jsonl'}", f"data.eval_file={work / 'eval.jsonl'}")}
-        seconds["dpo"] = run("train", "configs/quickstart-dpo.yaml", f"model.name_or_path={work / 'sft'}",
-                             f"output_dir={work / 'dpo'}")
-        evals = {"sft": evaluate(str(work / "sft"), work, "sft"), "dpo": evaluate(str(work / "dpo"), work, "dpo")}
-        if not args.skip_untuned:
-            evals = {"untuned": evaluate("smollm2-135m-instruct", work, "untuned"), **evals}
-        metrics = [json.loads(line) for line in (work / "dpo/metrics.jsonl").read_text().splitlines()]
+        for name, overrides in variants.items():
+            seconds[name] = run("train", "configs/quickstart-dpo.yaml", f"model.name_or_path={work / 'sft'}",
+                                f"output_dir={work / name}", *overrides)
+        evals = {} if args.skip_untuned else {"untuned": evaluate("smollm2-135m-instruct", work, "untuned")}
+        evals |= {name: evaluate(str(work / name), work, name) for name in ["sft", *variants]}
+        curves = {name: [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()
+                         if "eval_loss" in line] for name in variants}
     results = {"sft_tasks": sorted(tasks), "sft_rows": sft_rows, "seconds": seconds, "evals": evals,
-               "test_pairs": evals["sft"]["pairs"]["n"], "test_prompts": evals["sft"]["generation"]["n"],
-               "dpo_eval": [m for m in metrics if "eval_loss" in m]}
+               "variants": variants, "test_pairs": evals["sft"]["pairs"]["n"],
+               "test_prompts": evals["sft"]["generation"]["n"], "dpo_evals": curves}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(table(results) + "\n")

@@ -215,6 +215,9 @@ class PreferenceConfig(_Strict):
         0.0, ge=0, lt=0.5, description="dpo and simpo: the assumed share of pairs whose labels are flipped "
         "(conservative DPO); 0 is the plain loss")
     gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin")
+    nll_weight: float = Field(
+        0.0, ge=0, description="dpo and simpo: add the chosen answer's NLL per token times this weight (RPO), "
+        "which keeps chosen answers likely; orpo always has it with weight 1")
 
 
 class EvalConfig(_Strict):

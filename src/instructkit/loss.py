@@ -161,16 +161,20 @@ class PreferenceLoss(torch.nn.Module):
     - simpo: -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma), length-normalised, no reference.
     - orpo: the chosen answer's NLL per token plus -beta * log sigmoid(log odds(c) - log odds(r)), the odds of
       the mean per-token probability; no reference.
-    The forward gives summed components and `count` their units (pairs; ORPO's NLL: chosen answer tokens), so
-    the loop's normalisation over micro-batches and processes gives each component's global mean.
+    `nll_weight` > 0 adds the chosen answer's NLL per token, times the weight, to DPO and SimPO (RPO, Pang et al.
+    2024: it keeps the chosen answers likely, which the pairwise term alone lets drift down); ORPO always has it
+    with weight 1. The forward gives summed components and `count` their units (pairs; the NLL: chosen answer
+    tokens), so the loop's normalisation over micro-batches and processes gives each component's global mean.
     """
 
     def __init__(self, model: torch.nn.Module, kind: str, beta: float, label_smoothing: float = 0.0,
-                 gamma: float = 0.5, chunk_tokens: int = 1024, compile: bool = False, fast: bool | None = None):
+                 gamma: float = 0.5, nll_weight: float = 0.0, chunk_tokens: int = 1024, compile: bool = False,
+                 fast: bool | None = None):
         super().__init__()
         self.scorer = SupervisedLoss(model, chunk_tokens, compile, fast)
         self.kind, self.beta, self.label_smoothing, self.gamma = kind, beta, label_smoothing, gamma
-        self.eval_width = 2 * (2 if kind == "orpo" else 1) + 4  # loss sums, their units, then the reward stats
+        self.nll_weight = 1.0 if kind == "orpo" else nll_weight
+        self.eval_width = 2 * (2 if self.nll_weight else 1) + 4  # loss sums, their units, then the reward stats
         self._stats: torch.Tensor | None = None
 
     def sequence_logps(self, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -211,12 +215,12 @@ class PreferenceLoss(torch.nn.Module):
         # A pair with an unsupervised side (the filler that evens out eval shards) counts for nothing.
         real = ((lengths[:b] > 0) & (lengths[b:] > 0)).float()
         parts = [(loss * real).sum()]
-        if self.kind == "orpo":  # the SFT term: the chosen answers' NLL, per token over the whole step
-            parts.append(-logps[:b].sum())
+        if self.nll_weight:  # the SFT term: the chosen answers' NLL, per token over the whole step
+            parts.append(-self.nll_weight * logps[:b].sum())
         stats = torch.stack([real.sum(), (chosen * real).sum(), (rejected * real).sum(),
                              ((chosen > rejected).float() * real).sum()]).detach()
         if sums:
-            units = [real.sum()] + ([lengths[:b].sum()] if self.kind == "orpo" else [])
+            units = [real.sum()] + ([lengths[:b].sum()] if self.nll_weight else [])
             return torch.cat([torch.stack(parts).detach(), torch.stack(units), stats])
         if torch.is_grad_enabled():
             self._stats = stats if self._stats is None else self._stats + stats
@@ -227,7 +231,7 @@ class PreferenceLoss(torch.nn.Module):
         b = batch["input_ids"].shape[0] // 2
         supervised = batch["labels"][:, 1:] != IGNORE
         pairs = int((supervised[:b].any(1) & supervised[b:].any(1)).sum())
-        return pairs if self.kind != "orpo" else (pairs, int(supervised[:b].sum()))
+        return (pairs, int(supervised[:b].sum())) if self.nll_weight else pairs
 
     def pop_stats(self) -> torch.Tensor | None:
         """[pairs, summed chosen rewards, summed rejected rewards, pairs ranked right] since the last call."""
@@ -242,6 +246,6 @@ class PreferenceLoss(torch.nn.Module):
                 f"{prefix}reward_margin": chosen - rejected, f"{prefix}pref_accuracy": float(stats[3]) / pairs}
 
     def eval_summary(self, total: torch.Tensor) -> dict[str, float]:
-        k = 2 if self.kind == "orpo" else 1
+        k = 2 if self.nll_weight else 1
         loss = sum(float(total[i] / total[k + i].clamp(min=1)) for i in range(k))
         return {"eval_loss": loss, **self.stats_summary(total[2 * k:], "eval_"), "n_examples": float(total[2 * k])}

@@ -231,3 +231,20 @@ def test_a_pair_without_supervised_tokens_counts_for_nothing(tokenizer, kind):
     assert objective.count(filler) == (2 if kind != "orpo" else (2, objective.count(two)[1]))
     assert part[k] == 2 and full[k] == 3
     assert torch.isfinite(part).all() and torch.allclose(part, expected, atol=1e-5)
+
+
+def test_nll_weight_adds_the_chosen_answers_nll_per_token(tokenizer):
+    """RPO: DPO (or SimPO) plus nll_weight x the chosen answers' NLL per token, as its own component."""
+    batch = _pairs_batch(tokenizer, 3, seed=7)
+    batch["ref_logps"] = torch.linspace(-40, -20, 6)
+    model = tiny(0, tokenizer)
+    plain, rpo = PreferenceLoss(model, "dpo", 0.1), PreferenceLoss(model, "dpo", 0.1, nll_weight=0.5)
+    with torch.no_grad():
+        logps, lengths = plain.sequence_logps(batch["input_ids"], batch["labels"], batch["attention_mask"])
+        parts = rpo(**batch)
+        pairs, tokens = rpo.count(batch)
+        assert (pairs, tokens) == (3, int(lengths[:3].sum())) and plain.count(batch) == 3
+        assert parts[0].item() == pytest.approx(plain(**batch).item(), abs=1e-6)
+        assert parts[1].item() == pytest.approx(-0.5 * logps[:3].sum().item(), rel=1e-6)
+        assert rpo.eval_summary(rpo(**batch, sums=True).double())["eval_loss"] == pytest.approx(
+            parts[0].item() / 3 + parts[1].item() / tokens, rel=1e-6)
