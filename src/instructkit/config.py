@@ -28,7 +28,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name_or_path: str = Field(
         description="builtin alias (smollm2-135m-instruct), a local Hugging Face model directory, "
-        "or a hub id (from the local cache, or downloaded where the network allows; token from HF_TOKEN)"
+        "a hub id (from the local cache, or downloaded where the network allows; token from HF_TOKEN), or a run "
+        "directory (runs/NAME: its final/ model, or its LoRA adapter trained on, with the template it trained with)"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU"
