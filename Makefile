@@ -10,7 +10,7 @@ TORCH_INDEX_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 DEMO_STAMP := $(VENV)/.demo-stamp
 
-.PHONY: install demo test test-fast test-gpu bench bench-quality readme-reference clean
+.PHONY: install demo test test-fast test-gpu bench bench-data bench-quality readme-reference clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench: install
 	    --methods lora --repeats 3 --out bench/results-lora
 	$(PY) bench/bench.py --variants seed,trl,instructkit,instructkit-grouped --methods full --repeats 3 \
 	    --out bench/results-full
+
+# Data at scale: data prepare vs HF datasets load_dataset + map on generated Alpaca rows (100k and 1M; about
+# 30 minutes on 2 CPU cores, 2 GB of disk under /tmp). Writes bench/results-data.{json,md}.
+bench-data: install
+	$(PY) bench/data.py --rows 100000,1000000 --num-proc 2 --out bench/results-data
 
 # Quality side by side on the development suite (bench/quality_tasks.py): the untuned model, TRL with the
 # article's adapter, instructkit with a three-line config, and a 3-trial sweep (about an hour on 2 CPU cores).
