@@ -34,11 +34,25 @@ RUN_ENTRIES = (MARKER, "config.yaml", "manifest.json", "metrics.jsonl", "tensorb
                ".final.tmp", "best", ".best.tmp", "data_report.json", "eval", "report")
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process of this machine with that id exists (one we may not signal counts as alive)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested config sections as dotted keys: {"train": {"seed": 1}} -> {"train.seed": 1}."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -46,7 +60,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every leaf that differs."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -82,7 +96,7 @@ def _is_run(path: Path) -> bool:
 def _same_result(old_config: Path, cfg: RunConfig, allow_change: bool) -> None:
     old = yaml.safe_load(old_config.read_text()) if old_config.is_file() else {}
     new = cfg.model_dump(mode="json")
-    requested = _flatten(new)  # an `auto` resolves on resume to what the run started with (defaults.resolve)
+    requested = flatten(new)  # an `auto` resolves on resume to what the run started with (defaults.resolve)
     diffs = [d for d in config_differences(old or {}, new)
              if (key := d.split(":", 1)[0]) not in RESULT_NEUTRAL and requested.get(key) != "auto"]
     if diffs and not allow_change:

@@ -18,7 +18,7 @@ import yaml
 from instructkit.config import load_config
 from instructkit.errors import user_error
 from instructkit.files import write_text
-from instructkit.rundir import RESULT_NEUTRAL, config_differences
+from instructkit.rundir import RESULT_NEUTRAL, config_differences, pid_alive
 from instructkit.sweep_board import best_row, best_text, board_rows, write_board
 from instructkit.sweep_metric import AUTO, direction, requested_metric, settle_metric, stored_metric
 from instructkit.sweep_params import (
@@ -154,21 +154,11 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def is_stale(trial: Any, now: float, host: str | None = None) -> bool:
     """A RUNNING trial whose sweep is gone: its process is dead on this machine, or it has been silent for
     longer than STALE_AFTER_S (a worker on another machine)."""
     worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-    if worker_host == (host or socket.gethostname()) and pid.isdigit() and not _alive(int(pid)):
+    if worker_host == (host or socket.gethostname()) and pid.isdigit() and not pid_alive(int(pid)):
         return True
     beat = trial.user_attrs.get("heartbeat") or (trial.datetime_start.timestamp() if trial.datetime_start else 0)
     return now - beat > STALE_AFTER_S

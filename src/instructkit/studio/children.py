@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from instructkit.files import write_json
+from instructkit.rundir import pid_alive as process_exists
 
 # Subcommands the studio may start; anything else is a programming error, never a request's choice.
 ALLOWED = ("train", "validate", "eval", "report", "merge", "export-gguf")
@@ -59,20 +60,11 @@ def alive_children() -> list[subprocess.Popen]:
 
 
 def pid_alive(pid: int | None) -> bool:
-    if not pid:
+    """rundir.pid_alive, after reaping our own children (a finished child is a zombie until reaped)."""
+    if not process_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     alive_children()  # reap it if it is our child that just ended
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return process_exists(pid)
 
 
 def interrupt(pid: int) -> None:

@@ -6,28 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from instructkit.rundir import config_differences
+from instructkit.rundir import config_differences, flatten
 from instructkit.studio.form import yaml_text
 from instructkit.studio.runs import read_config
 
 METRICS = (("loss", "{:.4f}"), ("perplexity", "{:.3f}"), ("exact_match", "{:.1%}"), ("rouge_l", "{:.1%}"))
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_rows(run_dirs: list[Path]) -> list[list[str]]:
     """[key, value in run 1, value in run 2, ...] for every key whose value is not the same in all runs."""
     configs = [read_config(d) for d in run_dirs]
     keys = {line.split(":", 1)[0] for other in configs[1:] for line in config_differences(configs[0], other)}
-    flats = [_flat(c) for c in configs]
+    flats = [flatten(c) for c in configs]
     keys |= {k for f in flats[1:] for k in f if f.get(k) != flats[1].get(k)}  # runs 2.. may differ among themselves
     return [[k] + [yaml_text(f[k]) if k in f else "-" for f in flats] for k in sorted(keys)]
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from instructkit.config import RunConfig, format_validation_error
+from instructkit.config import RunConfig, format_validation_error, leaf_fields
 from instructkit.studio.security import NAME_PART
 
 SECTION_TITLES = {"": "Run", "model": "Model", "lora": "LoRA", "data": "Data", "train": "Training",
@@ -66,21 +66,16 @@ def _bounds(field: Any) -> str:
     return f" ({', '.join(bounds)})" if bounds else ""
 
 
-def schema_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[FormField]:
+def schema_fields(model: type[BaseModel] = RunConfig) -> list[FormField]:
     """Every leaf key, in the order of the YAML reference."""
     fields = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            fields.extend(schema_fields(annotation, f"{prefix}{name}."))
-            continue
-        key = f"{prefix}{name}"
-        required = field.is_required()
+    for key, section, field in leaf_fields(model):
+        annotation, required = field.annotation, field.is_required()
         default = "" if required else yaml_text(field.get_default(call_default_factory=True))
         literal = typing.get_origin(annotation) is typing.Literal
         widget = "checkbox" if annotation is bool else "select" if literal else "text"
         choices = [yaml_text(a) for a in typing.get_args(annotation)] if literal else []
-        fields.append(FormField(key, prefix.rstrip("."), widget, choices, _type_text(annotation) + _bounds(field),
+        fields.append(FormField(key, section, widget, choices, _type_text(annotation) + _bounds(field),
                                 default, field.description or "", required))
     return fields
 
