@@ -24,7 +24,7 @@ from instructkit.data.packing import PackedRows, check_isolation, pack, packed_b
 from instructkit.data.pipeline import Datasets, build_datasets, check_objective
 from instructkit.data.sampler import ResumableSampler
 from instructkit.data.store import lengths_of
-from instructkit.defaults import AUTO, BETA, Choice, resolve
+from instructkit.defaults import AUTO, BETA, NLL_WEIGHT, Choice, resolve
 from instructkit.distributed import (
     check_distributed,
     check_resume_world,
@@ -192,9 +192,10 @@ def setup_objective(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
     if cfg.objective == "sft":
         return SupervisedLoss(model, compile=cfg.train.compile)
     pref = cfg.preference
-    beta = BETA[cfg.objective] if pref.beta == AUTO else pref.beta  # (training resolves it first: setup_recipe)
-    return PreferenceLoss(model, cfg.objective, beta, pref.label_smoothing, pref.gamma, pref.nll_weight,
-                          compile=cfg.train.compile)
+    # (training resolves both first, in setup_recipe; bench/memory.py builds the loss from the config as written)
+    beta = BETA[cfg.objective] if pref.beta == AUTO else pref.beta
+    nll = NLL_WEIGHT[cfg.objective] if pref.nll_weight == AUTO else pref.nll_weight
+    return PreferenceLoss(model, cfg.objective, beta, pref.label_smoothing, pref.gamma, nll, compile=cfg.train.compile)
 
 
 def setup_reference(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: torch.nn.Module,

@@ -57,11 +57,14 @@ def test_sft_then_dpo_continues_the_adapter_with_its_template(tiny_lora_run, tmp
     run = tmp_path / "dpo"
     steps = [m for m in read_metrics(run) if "loss" in m]
     assert len(steps) == 6 and {"rewards_chosen", "rewards_rejected", "reward_margin", "pref_accuracy"} <= set(steps[0])
-    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-4)  # the policy starts as its reference
+    # The policy starts as its reference: no reward yet, and the loss is log 2 plus the NLL term (auto: 1.0).
+    assert steps[0]["rewards_chosen"] == pytest.approx(0, abs=1e-3) and steps[0]["reward_margin"] == pytest.approx(
+        0, abs=1e-3) and steps[0]["loss"] > 0.693
     evals = [m for m in read_metrics(run) if "eval_loss" in m]
     assert len(evals) == 2 and "eval_pref_accuracy" in evals[-1] and "eval_ppl" not in evals[-1]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["objective"] == "dpo" and manifest["resolved"]["preference.beta"]["value"] == 0.1
+    assert manifest["resolved"]["preference.nll_weight"]["value"] == 1.0
     adapter = json.loads((run / "final/adapter_config.json").read_text())
     sft_adapter = json.loads((tiny_lora_run / "final/adapter_config.json").read_text())
     assert adapter["r"] == sft_adapter["r"] and adapter["target_modules"] == sft_adapter["target_modules"]
