@@ -79,21 +79,24 @@ def test_metrics_carry_mfu(tiny_config):
 
 def test_fast_loss_path_follows_the_plain_path_over_50_steps(tiny_config, tmp_path, monkeypatch):
     """Same data, same masking: supervised-only logits (default) vs full logits through the model's forward."""
-    import instructkit.train as tr
+    import instructkit.loss as loss_module
     from instructkit.loss import SupervisedLoss
+
+    built = []
 
     class PlainLoss(SupervisedLoss):
         def __init__(self, model, **kwargs):
             super().__init__(model, fast=False, **kwargs)
+            built.append(self)
 
     curves = {}
     for name in ("fast", "plain"):
         if name == "plain":
-            monkeypatch.setattr(tr, "SupervisedLoss", PlainLoss)
+            monkeypatch.setattr(loss_module, "SupervisedLoss", PlainLoss)  # what prepare.setup_objective builds
         config = tiny_config(output_dir=str(tmp_path / name), train={"max_steps": 50, "learning_rate": 3e-3})
         assert main(["train", str(config)]) == 0
         curves[name] = [m["loss"] for m in read_metrics(tmp_path / name)]
-    assert len(curves["fast"]) == 50
+    assert len(curves["fast"]) == 50 and len(built) == 1 and not built[0].fast  # the plain run took the plain path
     assert max(abs(a - b) for a, b in zip(curves["fast"], curves["plain"])) < 1e-3
     assert curves["fast"][-1] < curves["fast"][0]
 
