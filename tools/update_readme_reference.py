@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from instructkit.config import reference_markdown
+from instructkit.config_reference import reference_markdown
 
 README = Path(__file__).parents[1] / "README.md"
 PATTERN = re.compile(r"(<!-- config-reference:start -->\n).*?(<!-- config-reference:end -->)", re.S)

@@ -7,7 +7,6 @@ unknown keys, and `load_config` reports every problem at once with its key path 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -389,32 +388,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML, in field order, loadable by `load_config`."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def leaf_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
-    """(dotted key, its section, the pydantic field) of every leaf key, in the order of the YAML reference."""
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from leaf_fields(annotation, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", prefix.rstrip("."), field
-
-
-def reference_rows(model: type[BaseModel] = RunConfig) -> list[tuple[str, str, str]]:
-    """(key path, default, description) for every leaf key: the README's config reference."""
-    rows = []
-    for key, _, field in leaf_fields(model):
-        if field.is_required():
-            default = "required"
-        else:
-            value = field.get_default(call_default_factory=True)
-            default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-        rows.append((key, default, field.description or ""))
-    return rows
-
-
-def reference_markdown() -> str:
-    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    lines += [f"| `{k}` | `{d}` | {m} |" for k, d, m in reference_rows()]
-    return "\n".join(lines)

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from instructkit.config import RunConfig, apply_overrides, dump_config, load_config, reference_rows
+from instructkit.config import RunConfig, apply_overrides, dump_config, load_config
+from instructkit.config_reference import reference_rows
 from instructkit.errors import UserError
 
 MINIMAL = {"model": {"name_or_path": "m"}, "data": {"train_file": "t.jsonl"}}

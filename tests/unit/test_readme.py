@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from instructkit.cli import build_parser
-from instructkit.config import reference_markdown
+from instructkit.config_reference import reference_markdown
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from instructkit.config import RunConfig, format_validation_error, leaf_fields
+from instructkit.config import RunConfig, format_validation_error
+from instructkit.config_reference import leaf_fields
 from instructkit.studio.security import NAME_PART
 
 SECTION_TITLES = {"": "Run", "model": "Model", "lora": "LoRA", "data": "Data", "train": "Training",
