@@ -98,13 +98,14 @@ class SupervisedLoss(torch.nn.Module):
                             ((misses == 0) & examples).sum().float()])
 
     def token_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probability of each supervised target in fp32, the row it belongs to), the LM head run only on
-        those positions, in chunks recomputed in backward: what sequence-level objectives are built from."""
+                    ) -> torch.Tensor:
+        """The log-probability of each supervised target in fp32 (row-major order of labels[:, 1:] != IGNORE),
+        the LM head run only on those positions, in chunks recomputed in backward: what sequence-level
+        objectives are built from."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         keep = labels[:, 1:] != IGNORE
-        rows, wanted = keep.nonzero()[:, 0], labels[:, 1:][keep]
+        wanted = labels[:, 1:][keep]
         if self.fast:
             lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             hidden, head = self._run(**inputs, use_cache=False).last_hidden_state[:, :-1][keep], \
@@ -116,7 +117,7 @@ class SupervisedLoss(torch.nn.Module):
             h, y = hidden[start:start + self.chunk_tokens], wanted[start:start + self.chunk_tokens]
             grad = torch.is_grad_enabled() and h.requires_grad
             parts.append(checkpoint(_head_logp, head, h, y, use_reentrant=False) if grad else _head_logp(head, h, y))
-        return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), rows
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
     eval_width = 5
 
@@ -180,7 +181,7 @@ class PreferenceLoss(torch.nn.Module):
     def sequence_logps(self, input_ids: torch.Tensor, labels: torch.Tensor,
                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed answer log-prob, answer tokens) per row."""
-        token_logps, _ = self.scorer.token_logps(input_ids, labels, attention_mask)
+        token_logps = self.scorer.token_logps(input_ids, labels, attention_mask)
         keep = labels[:, 1:] != IGNORE
         # Scattered back into rows and summed along them (not index_add, whose CUDA sums are not deterministic).
         per_position = token_logps.new_zeros(keep.shape).masked_scatter(keep, token_logps)
