@@ -135,6 +135,21 @@ def tree_digest(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def wait_listening(port: int, timeout: float = 60, proc=None) -> None:
+    """Return once something listens on 127.0.0.1:port; fail with its output as soon as `proc` has died."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert proc is None or proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, f"nothing listens on {port}"
+            time.sleep(0.2)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_listening
 
 ROOT = Path(__file__).parents[2]
 DOCKER = ROOT / "docker"
@@ -122,15 +121,7 @@ class Entrypoint:
                                      stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_for_port(self, port: int, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, self.proc.stdout.read()
-                assert time.time() < deadline, f"nothing listens on {port}"
-                time.sleep(0.2)
+        wait_listening(port, timeout, self.proc)
 
     def stop(self, terminate: bool = True) -> tuple[int, str]:
         """SIGTERM the entrypoint (as `docker stop` does), or with terminate=False let it end by itself."""

@@ -18,7 +18,7 @@ import pytest
 
 from instructkit.cli import main
 from instructkit.config import load_config
-from tests.conftest import ROWS, free_port, tiny_run_config, write_jsonl
+from tests.conftest import ROWS, free_port, tiny_run_config, wait_listening, write_jsonl
 
 
 @pytest.fixture
@@ -134,21 +134,6 @@ def test_token_off_loopback_cookie_after_it_and_403_otherwise(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=15)
-
-
-def wait_listening(port: int, timeout: float = 60) -> None:
-    import socket
-    import time
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def fetch(url: str, follow: bool = True, data: bytes | None = None, **headers) -> tuple[int, dict, str]:
