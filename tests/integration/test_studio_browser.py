@@ -179,23 +179,37 @@ def test_new_run_validates_as_the_user_types_previews_the_mask_and_starts(studio
     assert yaml.safe_load((studio["root"] / "runs/alpha/studio/config.yaml").read_text())["train"]["max_steps"] == STEPS
 
 
-def test_the_loss_chart_grows_stop_interrupts_and_resume_completes(studio, browser, shots):
-    wait(browser, lambda d: points(d, "loss") >= 4, 120, "loss points while training")
-    first = points(browser, "loss")
-    wait(browser, lambda d: points(d, "loss") > first, 60, "more loss points")
-    assert status(browser) == "running" and css(browser, "#eta").text != "-"
-    assert {"lr", "tokens_per_s"} <= {c.get_attribute("data-chart") for c in
-                                      browser.find_elements("css selector", "[data-chart]")}
-    browser.save_screenshot(str(shots / "run-live.png"))
-    # The tiny run can finish 100 steps in seconds: it is held (SIGSTOP) while Stop is clicked, so the SIGINT
-    # the studio sends always lands mid-run, as a user's click on a real run does; SIGCONT lets it act.
+def hold_after(run_dir: Path, steps: int) -> int:
+    """SIGSTOP the training process once `steps` loss lines are in its metrics.jsonl; its pid. The tiny run can
+    do 100 steps in five seconds, faster than the page polls (every 3 s), so the test holds it at the points
+    it looks at, as a slow real run would sit there; SIGCONT lets it go on."""
     from instructkit.studio.runs import lock_holder
 
-    trainer = lock_holder(studio["root"] / "runs/alpha")
-    os.kill(trainer, signal.SIGSTOP)
+    deadline = time.time() + 120
+    while True:
+        pid = lock_holder(run_dir)
+        lines = (run_dir / "metrics.jsonl").read_text().count('"loss"') if (run_dir / "metrics.jsonl").is_file() else 0
+        if pid and lines >= steps:
+            os.kill(pid, signal.SIGSTOP)
+            return pid
+        assert time.time() < deadline, f"the run did not reach {steps} steps"
+        time.sleep(0.02)
+
+
+def test_the_loss_chart_grows_stop_interrupts_and_resume_completes(studio, browser, shots):
+    run_dir = studio["root"] / "runs/alpha"
+    trainer = hold_after(run_dir, 4)
     try:
-        assert points(browser, "loss") < STEPS - 1, "the run finished before it could be stopped"
-        css(browser, "#stop").click()
+        wait(browser, lambda d: points(d, "loss") >= 4, 60, "loss points while training")
+        first = points(browser, "loss")
+        os.kill(trainer, signal.SIGCONT)
+        trainer = hold_after(run_dir, first + 3)
+        wait(browser, lambda d: points(d, "loss") > first, 60, "more loss points")
+        assert status(browser) == "running" and css(browser, "#eta").text != "-"
+        assert {"lr", "tokens_per_s"} <= {c.get_attribute("data-chart") for c in
+                                          browser.find_elements("css selector", "[data-chart]")}
+        browser.save_screenshot(str(shots / "run-live.png"))
+        css(browser, "#stop").click()  # the SIGINT waits while the run is held, and acts mid-run when it goes on
         wait(browser, lambda d: "stopping" in css(d, "#message").get_attribute("textContent").lower(), 20,
              "the studio's answer to Stop")
     finally:
