@@ -105,7 +105,8 @@ def test_resume_runs_only_the_missing_trials_and_a_pruned_trial_stops_its_run(sw
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_trial_gracefully_and_the_same_command_resumes_it(sweep_config, tmp_path, capsys):
-    config, sweep = sweep_config(max_steps=30, eval_steps=15, logging_steps=1), tmp_path / "sweep"
+    # 200 steps: the signal, passed on by the sweep, must reach the trial while it trains (30 finished first once)
+    config, sweep = sweep_config(max_steps=200, eval_steps=100, logging_steps=1), tmp_path / "sweep"
     args = ["sweep", str(config), "--sweep-dir", str(sweep), "--trials", "1", "--param", LR]
     proc = subprocess.Popen([sys.executable, "-m", "instructkit", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
