@@ -37,6 +37,10 @@ class ModelConfig(_Strict):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
     )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="fused GPU kernels: liger applies Liger Kernel's RMSNorm, RoPE, SwiGLU and fused linear "
+        "cross entropy (on the supervised rows only) and exits 2 where it cannot run; auto: liger where liger-kernel "
+        "is installed, CUDA is present and the architecture is supported, else none (the reason is printed)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     trust_remote_code: bool = Field(False, description="allow model code from the model's repository")
     load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base weights (needs CUDA and bitsandbytes)")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from instructkit.config import IGNORE
+from instructkit.kernels import fused_head_loss
 
 
 def _head_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,9 @@ class SupervisedLoss(torch.nn.Module):
         # batches of other lengths do not recompile.
         target = lm.get_decoder() if self.fast else model
         self.__dict__["_run"] = torch.compile(target, dynamic=True) if compile else target
+        # Liger's fused linear cross entropy where model.kernels chose it: fed the supervised rows below, as the
+        # chunked head is, so the loss means the same.
+        self.__dict__["_fused_ce"] = fused_head_loss(lm) if self.fast else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, sums: bool = False) -> torch.Tensor:
@@ -59,6 +63,10 @@ class SupervisedLoss(torch.nn.Module):
         hidden = self._run(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
         wanted = targets[keep]
         head = lm.get_output_embeddings()
+        if self._fused_ce is not None and torch.is_grad_enabled():
+            fused = self._fused_ce(head, hidden, wanted)
+            if fused is not None:
+                return fused
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             h, y = hidden[start:start + self.chunk_tokens], wanted[start:start + self.chunk_tokens]

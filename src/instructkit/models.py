@@ -21,6 +21,7 @@ from instructkit.builtin_model import SMOLLM2_ALIAS, SMOLLM2_INSTALL, _smollm2_g
 from instructkit.config import DTYPES, instructkit_home
 from instructkit.errors import user_error
 from instructkit.hardware import resolve_attention, resolve_precision
+from instructkit.kernels import apply_kernels, check_kernels
 
 if TYPE_CHECKING:
     import torch
@@ -195,6 +196,7 @@ def check_runtime(model_cfg: "ModelConfig") -> None:
     if model_cfg.precision == "fp16" and not torch.cuda.is_available():
         raise user_error("fp16 training needs a CUDA GPU (CPUs have no fast fp16 and no loss scaling)",
                          "model.precision", "use auto, fp32 or bf16 on CPU")
+    check_kernels(model_cfg.kernels)
 
 
 def _hub_kwargs(trust_remote_code: bool, revision: str | None = None) -> dict[str, Any]:
@@ -236,7 +238,8 @@ def plan_loading(model_cfg: "ModelConfig", method: str, training: bool) -> LoadP
 
 
 def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: Any = None) -> torch.nn.Module:
-    """Load a causal LM with the plan's dtype and attention; 4-bit NF4 weights for QLoRA."""
+    """Load a causal LM with the plan's dtype and attention (4-bit NF4 weights for QLoRA), and the fused kernels
+    model.kernels chooses for it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -255,11 +258,13 @@ def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: 
             bnb_4bit_compute_dtype=getattr(torch, DTYPES[plan.compute_precision]))
         kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise user_error(f"cannot load the model from {path} ({exc})", "model.name_or_path",
                          "check the model directory or hub id and model.attn_implementation; a model with "
                          "only .bin weights needs model.allow_pickle: true") from exc
+    apply_kernels(model, model_cfg.kernels)  # fused kernels per model.kernels, the choice recorded on the model
+    return model
 
 
 def apply_lora(model: torch.nn.Module, lora_cfg: "LoraConfig", gradient_checkpointing: bool = False,

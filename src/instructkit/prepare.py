@@ -36,6 +36,7 @@ from instructkit.distributed import (
 )
 from instructkit.env import device_summary, package_versions
 from instructkit.errors import UserError, user_error
+from instructkit.kernels import kernels_of
 from instructkit.metrics import Window, matmul_peak_tflops, model_flops
 from instructkit.models import (
     LoadPlan,
@@ -247,7 +248,7 @@ def describe_model(model: torch.nn.Module, model_path: str, plan: LoadPlan) -> s
     trainable, total = count_parameters(model)
     return (f"model: {model_path} ({plan.weights_dtype} weights, {plan.compute_precision} compute, "
             f"{plan.attn_implementation}); trainable parameters {trainable:,} of {total:,} "
-            f"({100 * trainable / total:.2f}%)")
+            f"({100 * trainable / total:.2f}%)\nkernels: {kernels_of(model).value} ({kernels_of(model).why})")
 
 
 def setup_train_set(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -352,7 +353,7 @@ def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model: torch
         "seed": cfg.seed, "versions": package_versions(), "device": device_summary(),
         "model": {"name_or_path": cfg.model.name_or_path, "resolved": model_path, "revision": cfg.model.revision},
         "method": cfg.method, "objective": cfg.objective, "precision": run.plan.compute_precision,
-        "attn_implementation": run.plan.attn_implementation,
+        "attn_implementation": run.plan.attn_implementation, "kernels": kernels_of(model).as_dict(),
         "parameters": {"trainable": trainable, "total": total}, "data_files": data.stats["data_files"],
         "data": data.stats, "total_steps": loop.total_steps, "git_commit": git_commit(),
         "resumed": resume_history(Path(cfg.output_dir), plan_dir, step), "matmul_peak_tflops": loop.peak_tflops,
