@@ -118,7 +118,9 @@ class DataConfig(_Strict):
         "error", description="error: stop before training with the report; skip: train on the rest")
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="with skip, stop anyway above this share of bad rows")
     packing: bool = Field(False, description="pack examples into rows of max_length, each attending only to itself")
-    num_proc: int = Field(1, ge=1, description="processes for tokenization")
+    num_proc: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        "auto", description="cores for tokenizing: auto (every core this process may use, at most 8, in "
+        "threads); N: N threads, or N spawned processes where the template renders through Jinja (not a builtin)")
     cache: bool = Field(True, description="cache tokenized data on disk, keyed by content, tokenizer and settings")
 
     @field_validator("template")

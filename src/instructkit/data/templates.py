@@ -267,6 +267,14 @@ def render_segments(template: Template, tokenizer: PreTrainedTokenizerBase, mess
     """
     if messages and messages[0].role == "text":
         return _text_segments(tokenizer, messages[0].content)
+    if renders_fast(template):
+        return _from_skeleton(template, tokenizer, messages, (add_generation_prompt, turns, supervise_from))
+    return _rendered_segments(template, tokenizer, messages, add_generation_prompt, turns, supervise_from)
+
+
+def _rendered_segments(template: Template, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
+                       add_generation_prompt: bool, turns: str, supervise_from: int) -> list[tuple[str, bool]]:
+    """render_segments through Jinja: the conversation rendered turn by turn and cut where renders differ."""
     last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
     segments: list[tuple[str, bool]] = []
     done = ""
@@ -292,6 +300,51 @@ def render_segments(template: Template, tokenizer: PreTrainedTokenizerBase, mess
             raise _prefix_error(template)
         segments.append((rest[len(done):], False))
     return [(text, supervised) for text, supervised in segments if text]
+
+
+# Rendering through Jinja costs more than tokenizing a row. A builtin template only concatenates its own
+# literals with message texts and branches on roles and on whether an input is present, so the segments of
+# every conversation of one shape are those of the same conversation with stand-ins for its texts, the texts
+# put in their place. Each shape is rendered once through Jinja (with the stand-ins) and kept.
+_STAND_IN = re.compile("\ue002(\\d+)\ue003")
+_SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(template, shape): skeleton}
+
+
+def renders_fast(template: Template) -> bool:
+    """Whether render_segments fills a skeleton (a builtin template) rather than rendering through Jinja."""
+    source = BUILTINS[template.name][0] if template.name in BUILTINS else None
+    return source is not None and template.source in (source, "{{- bos_token -}}" + source)
+
+
+def _skeleton(template: Template, tokenizer, shape: tuple, options: tuple) -> list[tuple[list, bool]]:
+    """Per segment: its parts (literal strings and indexes of texts) and whether it is supervised."""
+    cache = _SKELETONS.setdefault(tokenizer, {})
+    key = (template, shape, options)
+    if key not in cache:
+        if len(cache) > 4096:  # conversations of ever new shapes (long chats): keep memory bounded
+            cache.clear()
+        stand_ins = [Message(role, f"\ue002{2 * i}\ue003", f"\ue002{2 * i + 1}\ue003" if has_input else None)
+                     for i, (role, has_input) in enumerate(shape)]
+        segments = _rendered_segments(template, tokenizer, stand_ins, *options)
+        cache[key] = [([int(p) if k % 2 else p for k, p in enumerate(_STAND_IN.split(text)) if p != ""
+                        or k % 2], supervised) for text, supervised in segments]
+    return cache[key]
+
+
+def _from_skeleton(template: Template, tokenizer, messages: Sequence[Message], options: tuple
+                   ) -> list[tuple[str, bool]]:
+    """render_segments of a builtin template by filling its shape's skeleton with the messages' texts,
+    escaped and laid out as _as_dicts lays them out for Jinja."""
+    texts: list[str] = []
+    shape = []
+    for m in messages:
+        content, extra = escape_specials(m.content, tokenizer), escape_specials(m.input or "", tokenizer)
+        own_input = bool(template.renders_input and extra)
+        texts += [content if own_input or not extra else f"{content}\n\n{extra}", extra]
+        shape.append((m.role, own_input))
+    filled = [("".join(p if isinstance(p, str) else texts[p] for p in parts), supervised)
+              for parts, supervised in _skeleton(template, tokenizer, tuple(shape), options)]
+    return [(text, supervised) for text, supervised in filled if text]  # an empty text leaves no segment
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: Template) -> list[int]:

@@ -3,7 +3,7 @@
 Each rendered segment is tokenized on its own and the pieces are concatenated, so the prompt tokens
 of an example are exactly the tokens `generate` builds for the same prompt, and a label is never
 derived by subtracting a prompt length. Segments of many rows go to the tokenizer in one batched
-call; `num_proc` > 1 spreads chunks of rows over processes.
+call (data/stream.py spreads the calls over threads or processes).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from multiprocessing import get_context
 from typing import TYPE_CHECKING
 
 from instructkit.config import IGNORE
+from instructkit.data.encode import encode_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -49,9 +50,7 @@ def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer: PreTrainedToken
                   ) -> list[tuple[list[int], list[int]]]:
     """`tokenize_segments` for many rows with one batched tokenizer call (texts holding user text that
     looks like a special token are tokenized piecewise, that text as plain characters)."""
-    texts = [text for segments in rows for text, _ in segments]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    encoded = iter([_with_literals(t, tokenizer) if "\ue000" in t else ids for t, ids in zip(texts, encoded)])
+    encoded = iter(encode_all([text for segments in rows for text, _ in segments], tokenizer))
     out = []
     for segments in rows:
         input_ids: list[int] = []
@@ -62,6 +61,13 @@ def tokenize_many(rows: list[list[tuple[str, bool]]], tokenizer: PreTrainedToken
             labels += ids if (supervised or train_on_inputs) else [IGNORE] * len(ids)
         out.append((input_ids, labels))
     return out
+
+
+def encode_all(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """encode_texts, texts holding user text that looks like a special token tokenized piecewise (that text
+    as plain characters)."""
+    encoded = encode_texts(texts, tokenizer) if texts else []
+    return [_with_literals(t, tokenizer) if "\ue000" in t else ids for t, ids in zip(texts, encoded)]
 
 
 def _with_literals(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -95,10 +101,11 @@ def _render_and_tokenize_pairs(args) -> list[tuple[tuple[list[int], list[int]], 
     return list(zip(flat[::2], flat[1::2]))
 
 
-def _map_chunks(work, items: list, extra: tuple, num_proc: int) -> list:
-    """`work` over chunks of CHUNK items (in worker processes when num_proc > 1), results in order."""
+def _map_chunks(work, items: list, extra: tuple, num_proc: int | str) -> list:
+    """`work` over chunks of CHUNK items (in worker processes when num_proc > 1; `auto` stays in this
+    process: preference pairs are read into memory anyway), results in order."""
     chunks = [(items[i:i + CHUNK], *extra) for i in range(0, len(items), CHUNK)]
-    if num_proc <= 1 or len(chunks) <= 1:
+    if num_proc == "auto" or int(num_proc) <= 1 or len(chunks) <= 1:
         return [out for chunk in chunks for out in work(chunk)]
     # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked.
     with ProcessPoolExecutor(max_workers=num_proc, mp_context=get_context("spawn")) as pool:
@@ -106,12 +113,13 @@ def _map_chunks(work, items: list, extra: tuple, num_proc: int) -> list:
 
 
 def tokenize_conversations(conversations: list, tokenizer: PreTrainedTokenizerBase, template: Template,
-                           train_on_inputs: bool, turns: str, num_proc: int = 1) -> list[tuple[list[int], list[int]]]:
+                           train_on_inputs: bool, turns: str, num_proc: int | str = 1
+                           ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) for every conversation, in order."""
     return _map_chunks(_render_and_tokenize, conversations, (tokenizer, template, train_on_inputs, turns), num_proc)
 
 
-def tokenize_pairs(pairs: list, tokenizer: PreTrainedTokenizerBase, template: Template, num_proc: int = 1
+def tokenize_pairs(pairs: list, tokenizer: PreTrainedTokenizerBase, template: Template, num_proc: int | str = 1
                    ) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
     """((chosen ids, labels), (rejected ids, labels)) for every `PairConversation`, in order; both sides of
     all pairs of a chunk go to the tokenizer in one batched call."""
