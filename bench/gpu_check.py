@@ -117,7 +117,7 @@ def why_not(check: Check, part: Part) -> str | None:
 def run_part(check: Check, part: Part) -> dict:
     left = check.deadline - time.time()
     limit = min(part.limit_s[check.smoke], left)
-    reason = why_not(check, part) or (None if left >= min(20, limit + 1) and limit >= 10 else
+    reason = why_not(check, part) or (None if limit >= 15 else
                                        f"out of time: {left:.0f} s of the check's {TOTAL_S[check.mode]} s left")
     result = {"name": part.name, "what": part.what, "limit_s": round(limit)}
     if reason:
