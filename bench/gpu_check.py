@@ -1,6 +1,6 @@
 """The GPU check (issue 18): every GPU-only path of instructkit run once, and the speed figures side by side.
 
-    bash bench/gpu_check.sh [--out FILE]      # on one H100/H200: about 6 minutes, stops itself at 7.75
+    bash bench/gpu_check.sh [--out FILE]      # on one H100/H200: about 6 minutes, stops itself at 7.5
     python bench/gpu_check.py --smoke         # a dry run on the CPU with a tiny model, about 2 minutes
 
 Parts, each in its own process with its own time limit (a hang costs that part, not the check): the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from gpu_check_parts import (  # noqa: E402
     quickstart,
     serve,
     setup,
+    stop,
     tests_gpu,
 )
 from gpu_check_report import write_report  # noqa: E402
@@ -135,6 +137,18 @@ def run_part(check: Check, part: Part) -> dict:
     return result
 
 
+def stop_with(check: Check) -> None:
+    """On SIGTERM or SIGINT, stop the running part's process group too (it has a session of its own, which a
+    signal to this process does not reach), then exit."""
+    def handler(signum, _frame):
+        if check.current is not None:
+            stop(check.current)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny model, a few steps")
@@ -145,6 +159,7 @@ def main() -> int:
     mode = "smoke" if args.smoke else "gpu"
     check = Check(args.smoke, args.workdir, args.out, time.time() + TOTAL_S[mode])
     check.work.mkdir(parents=True, exist_ok=True)
+    stop_with(check)
     command = " ".join(["python", "bench/gpu_check.py", *sys.argv[1:]])
     for part in PARTS:
         if args.only and part.name not in args.only.split(","):

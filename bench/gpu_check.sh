@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 18, on one H100/H200: finishes inside 8 minutes (the driver stops itself at 7.75,
+# The GPU check of issue 18, on one H100/H200: finishes inside 8 minutes (the driver stops itself at 7.5,
 # this wrapper kills it at 7.9) and writes a JSON summary of every figure (--out, default
 # bench/gpu-check.json) with a Markdown table beside it. Run from anywhere; --smoke is the CPU dry run.
 #
