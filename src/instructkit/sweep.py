@@ -32,6 +32,7 @@ from instructkit.sweep_board import best_row, board_markdown, cell
 from instructkit.sweep_metric import StudyMetric, best_eval, eval_fields, metric_value, objective, stored_metric
 from instructkit.sweep_params import Param, derived, trial_config, validate
 from instructkit.sweep_study import (
+    AS_GIVEN,
     PRUNE_FROM_EVAL,
     SweepPlan,
     describe,
@@ -167,7 +168,7 @@ def fail(study: Any, trial: Any, note: str, tail: list[str] | None = None) -> No
 def start_trial(study: Any, plan: SweepPlan, slot: int, metric: StudyMetric) -> TrialRun | None:
     """Ask Optuna for values, write the trial's run directory and config, start its child."""
     trial = study.ask()
-    values = suggest(trial, plan.space)
+    values = {} if trial.user_attrs.get(AS_GIVEN) else suggest(trial, plan.space)
     overrides = {**values, **derived(values, plan.space, plan.base["method"])}
     # Every trial selects its final/ weights by the metric the sweep ranks it by; while that is still
     # `auto`, the trial resolves it (watch() reads what it chose).
@@ -197,7 +198,7 @@ def start_trial(study: Any, plan: SweepPlan, slot: int, metric: StudyMetric) -> 
     # Its own session: a Ctrl-C in the terminal reaches only the sweep, which passes it on exactly once.
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             env=child_env(plan, slot), start_new_session=True)
-    shown = ", ".join(f"{k}={cell(v)}" for k, v in overrides.items())
+    shown = ", ".join(f"{k}={cell(v)}" for k, v in overrides.items()) or "the config as given"
     say(f"trial {trial.number}: {'resuming' if retry_dir else 'training'} in {run_dir} ({shown})")
     return TrialRun(trial, run_dir, slot, proc, log, metric)
 
@@ -262,7 +263,7 @@ def finish(run: TrialRun, study: Any, code: int) -> None:
     elif run.interrupted:
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)
-        retry(study, trial.number, trial.params, str(run.run_dir))
+        retry(study, trial, str(run.run_dir))
         say(f"trial {trial.number}: interrupted (exit {code}); the next `instructkit sweep` resumes it")
     else:
         tail = log_tail(run.run_dir / "train.log")

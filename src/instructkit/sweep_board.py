@@ -48,7 +48,7 @@ def _eval_loss(trial: Any, metric: str, told: float | None) -> float | None:
 
 def _note(trial: Any, state: str, retried_as: dict[int, int], metric: str) -> str:
     attrs = trial.user_attrs
-    parts = []
+    parts = ["the config as given"] if attrs.get("as_given") else []
     if "retry_of" in attrs:
         parts.append(f"retries trial {attrs['retry_of']}")
     if trial.number in retried_as:

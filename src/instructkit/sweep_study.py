@@ -33,6 +33,7 @@ from instructkit.sweep_params import (
 
 STALE_AFTER_S = 600       # a RUNNING trial silent this long belongs to a sweep that died (another machine)
 PRUNE_FROM_EVAL = 2       # never prune on a trial's first evaluation: one point says little about a run
+AS_GIVEN = "as_given"     # a trial's user attribute: it trains the config as given (no searched values)
 
 
 def say(text: str) -> None:
@@ -137,6 +138,8 @@ def check_same_sweep(study: Any, plan: SweepPlan) -> None:
         settle_metric(study, plan.metric, plan.study_name)  # first: `space` is what marks a study as started
         study.set_user_attr("space", space)
         study.set_user_attr("base_config", plan.base)
+        if not study.trials:  # the config as given is the point to beat: it trains first, its values unchanged
+            study.enqueue_trial({}, user_attrs={AS_GIVEN: True})
         return
     if study.user_attrs["space"] != space:
         raise user_error(f"study '{plan.study_name}' searches {study.user_attrs['space']}, this command {space}",
@@ -164,9 +167,11 @@ def is_stale(trial: Any, now: float, host: str | None = None) -> bool:
     return now - beat > STALE_AFTER_S
 
 
-def retry(study: Any, number: int, params: dict, run_dir: str | None) -> None:
+def retry(study: Any, trial: Any, run_dir: str | None) -> None:
     """Queue the same values again; the retry trains in the same run directory, resuming its last checkpoint."""
-    study.enqueue_trial(params, user_attrs={"retry_of": number, **({"run_dir": run_dir} if run_dir else {})})
+    attrs = {"retry_of": trial.number, **({"run_dir": run_dir} if run_dir else {}),
+             **({AS_GIVEN: True} if trial.user_attrs.get(AS_GIVEN) else {})}
+    study.enqueue_trial(trial.params, user_attrs=attrs)
 
 
 def fail_stale(study: Any) -> None:
@@ -180,8 +185,8 @@ def fail_stale(study: Any) -> None:
             study.tell(t.number, state=TrialState.FAIL)
         except (ValueError, RuntimeError):  # another worker failed it first
             continue
-        if t.params:
-            retry(study, t.number, t.params, t.user_attrs.get("run_dir"))
+        if t.params or t.user_attrs.get(AS_GIVEN):
+            retry(study, t, t.user_attrs.get("run_dir"))
         say(f"trial {t.number} was left running by a sweep that stopped: marked failed and queued again")
 
 
@@ -201,7 +206,7 @@ def describe(plan: SweepPlan, study: Any) -> str:
     lines = [f"sweep '{plan.study_name}' in {plan.sweep_dir} (study: {shown_url(plan.storage)}): "
              f"{plan.trials - todo} of {plan.trials} trials done or running, {todo} to start, "
              f"{plan.jobs} at a time" + (f" on GPUs {','.join(plan.gpus)}" if plan.gpus else " on CPU"),
-             "search space:"]
+             "trial 0 trains the config as given (the point to beat); the others search:"]
     lines += [f"  {p.key}: {p.describe()}" for p in plan.space]
     for key in derived({p.key: p.ends()[0] for p in plan.space}, plan.space, plan.base["method"]):
         lines.append(f"  {key}: follows the searched values (2 x lora.r)")

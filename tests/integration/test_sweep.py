@@ -88,8 +88,9 @@ def test_resume_runs_only_the_missing_trials_and_a_pruned_trial_stops_its_run(sw
     assert manifest(pruned)["status"] == "interrupted"  # stopped gracefully: checkpointed, exit 130
     assert list((pruned / "checkpoints").iterdir())
     assert max(r["step"] for r in read_metrics(pruned)) < 60  # stopped before its last step
-    best = load_config(sweep / "best.yaml")  # loadable by train, with trial 0's value
-    assert best.train.learning_rate == pytest.approx(rows[0]["params"]["train.learning_rate"])
+    best = load_config(sweep / "best.yaml")  # loadable by train: trial 0 trained the config as given
+    assert rows[0]["params"] == {} and rows[0]["note"] == "the config as given"
+    assert best.train.learning_rate == load_config(config).train.learning_rate
     assert best.train.best_metric == metric
     assert best.output_dir == str(tmp_path / "run")
     md = (sweep / "leaderboard.md").read_text()
@@ -121,7 +122,7 @@ def test_ctrl_c_stops_the_trial_gracefully_and_the_same_command_resumes_it(sweep
     assert "sweep stopped by SIGINT; run the same command to continue" in out and "Traceback" not in out
     assert manifest(run)["status"] == "interrupted" and list((run / "checkpoints").iterdir())
     rows = board(sweep)
-    assert rows[0]["state"] == "FAIL" and rows[0]["note"] == "interrupted; retried as trial 1"
+    assert rows[0]["state"] == "FAIL" and rows[0]["note"] == "the config as given; interrupted; retried as trial 1"
     assert rows[1]["state"] == "WAITING"
 
     assert main(args) == 0  # the same command: the interrupted trial resumes in its own directory
@@ -136,13 +137,14 @@ def test_ctrl_c_stops_the_trial_gracefully_and_the_same_command_resumes_it(sweep
 def test_a_failing_trial_is_marked_with_its_log_and_the_sweep_goes_on(sweep_config, tmp_path, capsys):
     config, sweep = sweep_config(), tmp_path / "sweep"
     missing = [str(tmp_path / "no-model-a"), str(tmp_path / "no-model-b")]
-    assert main(["sweep", str(config), "--sweep-dir", str(sweep), "--trials", "2",
-                 "--param", f"model.name_or_path={','.join(missing)}"]) == 1
+    # the config as given (trial 0) fails too: its model is missing as well
+    assert main(["sweep", str(config), f"model.name_or_path={tmp_path / 'no-model-c'}", "--sweep-dir", str(sweep),
+                 "--trials", "2", "--param", f"model.name_or_path={','.join(missing)}"]) == 1
     assert "no trial completed" in capsys.readouterr().err
     rows = board(sweep)
     assert [r["state"] for r in rows.values()] == ["FAIL", "FAIL"]  # both ran: one failure does not stop it
     for row in rows.values():
-        assert row["note"].startswith("exit code 2: error:") and "model.name_or_path" in row["note"]
+        assert "exit code 2: error:" in row["note"] and "model.name_or_path" in row["note"]
         assert row["log_tail"] and not (sweep / "best.yaml").exists()
 
 

@@ -128,7 +128,8 @@ def test_best_yaml_is_the_base_config_with_the_best_values_and_loads(tmp_path):
                             overrides={"train.learning_rate": 3e-4, "lora.r": 16, "lora.alpha": 32}))
     best = best_row(board_rows(study.get_trials(), "eval_loss"))
     path = write_best_config(study, _plan(tmp_path, default_space(base)), best)
-    assert path.read_text().startswith("# best trial 0 of sweep 'exp': eval_loss 1.1000 (lower is better)")
+    # trial 0 is the config as given, queued when the study started (still waiting here)
+    assert path.read_text().startswith("# best trial 1 of sweep 'exp': eval_loss 1.1000 (lower is better)")
     cfg = load_config(path)
     assert (cfg.train.learning_rate, cfg.lora.r, cfg.lora.alpha) == (3e-4, 16, 32)
     assert cfg.train.best_metric == "eval_loss"  # the metric that chose the trial, though the base says auto
@@ -353,3 +354,19 @@ def test_a_trial_waits_for_its_child_to_resolve_an_auto_metric(tmp_path):
     assert watch(run, study) is False and run.evals == {1: 0.3}
     assert study.user_attrs["metric"] == "eval_exact_match"
     assert study.trials[0].intermediate_values == pytest.approx({1: 0.7})
+
+
+def test_a_new_study_first_trains_the_config_as_given_and_a_retry_keeps_it_so(tmp_path):
+    from instructkit.sweep_study import AS_GIVEN, retry
+
+    study = optuna.create_study()
+    check_same_sweep(study, _plan(tmp_path, default_space(base_config())))
+    check_same_sweep(study, _plan(tmp_path, default_space(base_config())))  # resumed: not queued twice
+    (first,) = study.get_trials()
+    assert (first.state, first.params, first.user_attrs) == (TrialState.WAITING, {}, {AS_GIVEN: True})
+    trial = study.ask()
+    assert trial.number == 0 and trial.user_attrs[AS_GIVEN] and trial.params == {}
+    retry(study, trial, str(tmp_path / "trial-000"))
+    assert study.get_trials()[-1].user_attrs == {AS_GIVEN: True, "retry_of": 0, "run_dir": str(tmp_path / "trial-000")}
+    rows = board_rows(study.get_trials(), "eval_loss")
+    assert [r["note"] for r in rows if r["trial"] == 1] == ["the config as given; retries trial 0"]
