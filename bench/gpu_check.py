@@ -149,28 +149,45 @@ def stop_with(check: Check) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def selected(only: str | None) -> set[str]:
+    """The parts to run: all, or those named with the parts they need (and `packages`, which says what imports)."""
+    if not only:
+        return {p.name for p in PARTS}
+    names, needs = {"packages", *only.split(",")}, {p.name: p.after for p in PARTS}
+    unknown = names - set(needs)
+    if unknown:
+        sys.exit(f"--only: no part named {', '.join(sorted(unknown))}; parts: {', '.join(needs)}")
+    while (more := {d for n in names for d in needs[n]} - names):
+        names |= more
+    return names
+
+
+def run_all(check: Check, names: set[str], command: str) -> None:
+    for part in PARTS:
+        if part.name in names:
+            check.results[part.name] = run_part(check, part)
+        else:
+            check.results[part.name] = {"name": part.name, "what": part.what, "status": "skipped",
+                                        "reason": "not asked for (--only)"}
+        r = check.results[part.name]
+        print(f"[{time.time() - check.started:5.0f} s] {part.name}: {r['status']} "
+              f"{r.get('reason') or json.dumps(r.get('figures'))[:300]}", flush=True)
+        write_report(check, command, PARTS)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU dry run: tiny model, a few steps")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/gpu-check.json")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/instructkit-gpu-check"))
-    parser.add_argument("--only", help="comma-separated part names (the rest are skipped)")
+    parser.add_argument("--only", help="comma-separated parts to run (with the parts they need); the rest skipped")
     args = parser.parse_args()
+    names = selected(args.only)
     mode = "smoke" if args.smoke else "gpu"
     check = Check(args.smoke, args.workdir, args.out, time.time() + TOTAL_S[mode])
     check.work.mkdir(parents=True, exist_ok=True)
     stop_with(check)
-    command = " ".join(["python", "bench/gpu_check.py", *sys.argv[1:]])
-    for part in PARTS:
-        if args.only and part.name not in args.only.split(","):
-            check.results[part.name] = {"name": part.name, "what": part.what, "status": "skipped",
-                                        "reason": "not in --only"}
-        else:
-            check.results[part.name] = run_part(check, part)
-        r = check.results[part.name]
-        print(f"[{time.time() - check.started:5.0f} s] {part.name}: {r['status']} "
-              f"{r.get('reason') or json.dumps(r.get('figures'))[:300]}", flush=True)
-        write_report(check, command, PARTS)
+    run_all(check, names, " ".join(["python", "bench/gpu_check.py", *sys.argv[1:]]))
     failed = [name for name, r in check.results.items() if r["status"] == "failed"]
     print(f"wrote {check.out} and {check.out.with_suffix('.md')}; failed: {', '.join(failed) or 'none'}")
     return 1 if failed else 0
