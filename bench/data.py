@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +60,10 @@ print(json.dumps({"rows": len(ds)}))
 def measure(cmd: list[str], env: dict) -> dict:
     """Wall time, exit code and peak RSS of the command's whole process tree."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output to a file, not a pipe read at the end: a child that prints more than the pipe holds (the anchor's
+    # progress bars over a million rows) would block on the write and never finish.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -68,7 +72,8 @@ def measure(cmd: list[str], env: dict) -> dict:
         except psutil.Error:
             pass
         time.sleep(0.1)
-    out = proc.stdout.read()
+    log.seek(0)
+    out = log.read()
     if proc.returncode:
         print(out[-3000:])
     return {"seconds": round(time.monotonic() - start, 2), "peak_rss_mb": round(peak / 2**20), "rc": proc.returncode,
