@@ -80,3 +80,57 @@ def test_threads_processes_and_one_thread_tokenize_alike(case, template, tmp_pat
     digests = {n: digest(build_datasets(cfg.model_copy(update={"num_proc": n}), byte_tokenizer, 3), tmp_path)
                for n in (1, 2, "auto")}
     assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.parametrize("policy", [{"overlength": "drop"}, {"overlength": "truncate"},
+                                    {"overlength": "truncate", "train_on_inputs": True, "template": "chatml"}])
+def test_long_rows_tokenized_in_parts_give_the_whole_rows_result(policy, tmp_path, monkeypatch):
+    """Rows around max_length (under, just over, far over; long prompts, long answers, no space to cut at)
+    built with over-long rows split (data/long_rows.py) and without: the same examples, masks and stats."""
+    import json
+
+    from instructkit.data import stream
+    from tests.unit.test_encode import _byte_level_bpe
+
+    words = ["ab", "cd.", "e", "fgh,", "ij\n", "k l", "\u00e9t\u00e9", "12"]
+    tokenizer = _byte_level_bpe(extra=tuple(" ".join(words[i:] + words[:i]) for i in range(len(words))))
+    rng = random.Random(7)
+    rows = []
+    for i in range(1200):
+        size = rng.choice([5, 40, 90, 110, 130, 300, 2000])
+        text = " ".join(rng.choice(words) for _ in range(size))
+        row = {"instruction": text if i % 3 == 0 else "Say it.", "output": text if i % 3 else "ok"}
+        if i % 50 == 0:
+            row["output"] = "x" * 3000  # no space to cut at
+        rows.append(row)
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(train_file=str(path), max_length=120, val_size=0.05, cache=False, **policy)
+    splits = []
+    real = stream.split_long
+    monkeypatch.setattr(stream, "split_long", lambda *a: splits.append(real(*a)) or splits[-1])
+    split = digest(build_datasets(cfg, tokenizer, 3), tmp_path)
+    assert sum(rest is not None for _, rest in splits) > 100  # rows were split
+    # split far earlier, so most first parts fit and their rests are tokenized and joined
+    monkeypatch.setattr(stream.Settings, "long_row_budget", lambda self: 40)
+    assert digest(build_datasets(cfg, tokenizer, 3), tmp_path) == split
+    monkeypatch.setattr(stream.Settings, "__post_init__", lambda self: setattr(self, "split_long", False))
+    assert digest(build_datasets(cfg, tokenizer, 3), tmp_path) == split
+
+
+def test_a_split_row_whose_first_part_fits_exactly_gets_its_rest():
+    from instructkit.data.long_rows import join_rest, split_long
+
+    def encode(texts):  # one token per character
+        return [[ord(c) for c in t] for t in texts]
+
+    segments = [("p" * 6, False), ("aaaa bbbb cc", True), ("tail", False)]
+    first, rest = split_long(segments, 8)
+    assert first == [("p" * 6, False), ("aaaa", True)] and rest == (" bbbb cc", [("tail", False)])
+    for max_length, whole in ((10, True), (9, False)):  # the first part holds exactly 10 tokens
+        ids, supervised, counts = join_rest(encode([t for t, _ in first]), [False, True], [2], {0: rest}, max_length,
+                                            False, encode)
+        assert (sum(map(len, ids)) == 22) == whole and counts == ([3] if whole else [2])
+        assert supervised == ([False, True, False] if whole else [False, True])
+    assert split_long([("x" * 20, True), ("y", False)], 5) == ([("x" * 20, True)], ("", [("y", False)]))
+    assert split_long([("x" * 20, True)], 5) == ([("x" * 20, True)], None)

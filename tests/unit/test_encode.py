@@ -28,12 +28,13 @@ def _texts(seed: int, n: int) -> list[str]:
     return out
 
 
-def _byte_level_bpe() -> PreTrainedTokenizerFast:
+def _byte_level_bpe(extra: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A small GPT-2-style tokenizer (byte-level BPE) trained here, with chat special tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = _texts(0, 3000) + SPACES * 200 + ["Below is an instruction that describes a task.\n\n### Response:\n"] * 50
+    corpus = _texts(0, 3000) + SPACES * 200 + list(extra) * 50
+    corpus += ["Below is an instruction that describes a task.\n\n### Response:\n"] * 50
     trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.train_from_iterator(corpus, trainer)

@@ -11,11 +11,13 @@ way (`\\s+(?!\\S)` fails on the following non-space, `\\s+` takes the newline al
 joins a newline to what precedes it), it has no look-behind, and BPE works within pieces. So a head seen
 before keeps its ids, and only the rest of the text goes to the tokenizer. Where the tokenizer is of any
 other kind (a normalizer, another pre-tokenizer, BPE dropout, an added token that could straddle the cut),
-texts are tokenized whole.
+texts are tokenized whole. By the same pattern a text cut where a non-space meets a space after it also
+tokenizes as its parts: data/long_rows.py tokenizes an over-long row's first part only.
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import TYPE_CHECKING
 
@@ -62,6 +64,18 @@ def first_cut(text: str) -> int:
     return 0
 
 
+_BEFORE_SPACE = re.compile("[^\\s](?=[ \\t\\n\\r\\f\\v])")
+
+
+def cut_before_space(text: str, start: int) -> int:
+    """The first position p >= start with text[p-1] not a space and text[p] an ASCII space, tab or line
+    break, where the pre-tokenizer ends a piece too (no alternative joins a non-space to a space after it);
+    0 when there is none. Python's spaces include every Unicode space the tokenizer's pattern knows, so
+    text[p-1] is a non-space there too."""
+    match = _BEFORE_SPACE.search(text, max(start - 1, 0))
+    return match.end() if match else 0
+
+
 def _cuttable(backend) -> bool:
     from tokenizers.models import BPE
     from tokenizers.pre_tokenizers import ByteLevel
@@ -72,7 +86,14 @@ def _cuttable(backend) -> bool:
     if not isinstance(backend.model, BPE) or backend.model.dropout:
         return False
     added = backend.get_added_tokens_decoder().values()
-    return not any("\n" in t.content[:-1] or t.lstrip for t in added)
+    # an added token must not straddle a cut: none holds a newline before its end or a space after a non-space,
+    # and none takes the spaces beside it
+    return not any("\n" in t.content[:-1] or _BEFORE_SPACE.search(t.content) or t.lstrip or t.rstrip for t in added)
+
+
+def cuttable(tokenizer) -> bool:
+    """Whether texts of this tokenizer may be cut (first_cut, cut_before_space) and tokenized in parts."""
+    return _heads(tokenizer, getattr(tokenizer, "backend_tokenizer", None)) is not None
 
 
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> HeadCache | None
@@ -80,7 +101,8 @@ _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> 
 
 def _heads(tokenizer, backend) -> HeadCache | None:
     if tokenizer not in _HEADS:
-        _HEADS[tokenizer] = HeadCache(backend) if _cuttable(backend) else None
+        fast = backend is not None and hasattr(backend, "encode_batch_fast")
+        _HEADS[tokenizer] = HeadCache(backend) if fast and _cuttable(backend) else None
     return _HEADS[tokenizer]
 
 

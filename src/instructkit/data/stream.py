@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from instructkit.config import IGNORE
+from instructkit.data.encode import cuttable
 from instructkit.data.formats import Conversation
+from instructkit.data.long_rows import Rest, join_rest, split_long
 from instructkit.data.sources import BadRow, Record, apply_weight, iter_resolved, read_resolved
 from instructkit.data.tokenize import CHUNK, encode_all, fit_length
 from instructkit.data.validate import Converter
@@ -52,6 +54,17 @@ class Settings:
     overlength: str
     eot_id: int
     token_chars: int | None  # most characters one token stands for; None when no sound bound is known
+    split_long: bool = field(init=False)  # over-long rows tokenized only as far as the policy needs (long_rows.py)
+    chars_per_token: float = 4.0  # as last measured (4: English text before any): sets where long rows are split
+
+    def __post_init__(self) -> None:
+        self.split_long = self.overlength in ("drop", "truncate") and cuttable(self.tokenizer)
+
+    def long_row_budget(self) -> int | None:
+        """Characters after which a row is split: a quarter over what max_length + 1 tokens usually hold."""
+        if not self.split_long:
+            return None
+        return int((self.max_length + 1) * self.chars_per_token * 1.25)
 
 
 def max_token_chars(tokenizer) -> int | None:
@@ -89,17 +102,23 @@ class Rendered:
     texts: list[str]
     supervised: list[bool]
     counts: list[int]
+    rests: dict[int, Rest] = field(default_factory=dict)  # by position in `rows`: what split_long held back
 
 
 def render_chunk(conversations: list[Conversation], s: Settings) -> Rendered:
     from instructkit.data.templates import render_segments
 
     out = Rendered(np.zeros(len(conversations), np.int8), [], [], [], [])
+    budget = s.long_row_budget()
     for i, conv in enumerate(conversations):
         segments = _cut(render_segments(s.template, s.tokenizer, conv.messages, turns=s.turns), s)
         if segments is None:
             out.status[i] = DROPPED
             continue
+        if budget is not None:
+            segments, rest = split_long(segments, budget)
+            if rest is not None:
+                out.rests[len(out.rows)] = rest
         out.rows.append(i)
         out.counts.append(len(segments))
         for text, supervised in segments:
@@ -112,6 +131,12 @@ def encode_chunk(rendered: Rendered, s: Settings) -> tuple[np.ndarray, np.ndarra
     """(every segment's ids end to end, each segment's length): the part that runs in the tokenizer's native
     threads, so it overlaps with rendering the next chunk."""
     ids = encode_all(rendered.texts, s.tokenizer)
+    if s.split_long and (tokens := sum(map(len, ids))):
+        s.chars_per_token = sum(map(len, rendered.texts)) / tokens
+    if rendered.rests:
+        ids, rendered.supervised, rendered.counts = join_rest(
+            ids, rendered.supervised, rendered.counts, rendered.rests, s.max_length, s.train_on_inputs,
+            lambda texts: encode_all(texts, s.tokenizer))
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     return np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths
 
