@@ -61,10 +61,11 @@ class Settings:
         self.split_long = self.overlength in ("drop", "truncate") and cuttable(self.tokenizer)
 
     def long_row_budget(self) -> int | None:
-        """Characters after which a row is split: a quarter over what max_length + 1 tokens usually hold."""
+        """Characters after which a row is split: what max_length + 1 tokens usually hold. Splitting costs
+        next to nothing (the parts' tokens are the whole's), so rows just under the limit may be split too."""
         if not self.split_long:
             return None
-        return int((self.max_length + 1) * self.chars_per_token * 1.25)
+        return int((self.max_length + 1) * self.chars_per_token)
 
 
 def max_token_chars(tokenizer) -> int | None:
