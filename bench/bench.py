@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu import Counter  # bench/gpu.py: the same batch counter (bench/, the script's folder, leads sys.path)
 from instructkit.metrics import matmul_peak_tflops, training_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,20 +48,6 @@ def rows(n: int) -> list[dict]:
     return [json.loads(line) for line in DATA.read_text().splitlines()[:n]]
 
 
-class Counter:
-    """Wraps a data collator and records real and supervised tokens of every batch it builds."""
-
-    def __init__(self, collate):
-        self.collate, self.batches = collate, []
-
-    def __call__(self, features):
-        batch = self.collate(features)
-        labels = batch["labels"]
-        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(labels.numel())
-        self.batches.append((real, int((labels[:, 1:] != -100).sum())))
-        return batch
-
-
 def _trainer_records(trainer, counter: Counter) -> list[dict]:
     from transformers import TrainerCallback
 
@@ -80,7 +67,7 @@ def _trainer_records(trainer, counter: Counter) -> list[dict]:
     trainer.add_callback(Clock())
     trainer.train()
     return [{"step": i + 1, "seconds": t1 - t0, "tokens": tok, "supervised": sup, "loss": losses.get(i + 1)}
-            for i, ((t0, t1), (tok, sup)) in enumerate(zip(times, counter.batches))]
+            for i, ((t0, t1), (tok, sup, _)) in enumerate(zip(times, counter.batches))]
 
 
 def _lora(method: str):
