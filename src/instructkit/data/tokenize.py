@@ -87,14 +87,6 @@ def _with_literals(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
-def _render_and_tokenize(args) -> list[tuple[list[int], list[int]]]:
-    from instructkit.data.templates import render_segments
-
-    conversations, tokenizer, template, train_on_inputs, turns = args
-    rows = [render_segments(template, tokenizer, c.messages, turns=turns) for c in conversations]
-    return tokenize_many(rows, tokenizer, train_on_inputs)
-
-
 def _render_and_tokenize_pairs(args) -> list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]]:
     pairs, tokenizer, template = args
     flat = tokenize_many([side for p in pairs for side in p.segments(template, tokenizer)], tokenizer)
@@ -110,13 +102,6 @@ def _map_chunks(work, items: list, extra: tuple, num_proc: int | str) -> list:
     # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit locked.
     with ProcessPoolExecutor(max_workers=num_proc, mp_context=get_context("spawn")) as pool:
         return [out for part in pool.map(work, chunks) for out in part]
-
-
-def tokenize_conversations(conversations: list, tokenizer: PreTrainedTokenizerBase, template: Template,
-                           train_on_inputs: bool, turns: str, num_proc: int | str = 1
-                           ) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) for every conversation, in order."""
-    return _map_chunks(_render_and_tokenize, conversations, (tokenizer, template, train_on_inputs, turns), num_proc)
 
 
 def tokenize_pairs(pairs: list, tokenizer: PreTrainedTokenizerBase, template: Template, num_proc: int | str = 1
