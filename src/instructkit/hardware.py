@@ -25,11 +25,19 @@ def resolve_precision(precision: str) -> str:
 BF16_MIN_SPEEDUP = 1.3
 
 
+# A CPU with no bf16 matmul kernels (AVX2 only, as on one AMD EPYC seen here) runs bf16 about 100x slower than
+# fp32: a 512 x 512 probe would take seconds there, so a 128 x 128 one answers first when bf16 is hopeless.
+HOPELESS_BF16 = 0.25
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_speedup() -> float:
     """bf16 over fp32 matmul throughput on this CPU, measured once per process (about 0.1 s)."""
     from instructkit.metrics import matmul_peak_tflops
 
+    quick = matmul_peak_tflops("bfloat16", size=128, reps=2) / matmul_peak_tflops("float32", size=128, reps=2)
+    if quick < HOPELESS_BF16:
+        return quick
     return matmul_peak_tflops("bfloat16", size=512) / matmul_peak_tflops("float32", size=512)
 
 

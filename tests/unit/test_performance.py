@@ -25,3 +25,19 @@ def test_training_flops_by_hand():
     attention = 3 * 2 * 2 * 1 * 4 * 6 / 2  # context 6
     assert training_flops(cfg, "lora", 10, 3, 6) == 10 * (4 * body + attention) + 3 * 4 * 4 * 10
     assert training_flops(cfg, "full", 10, 3, 6) == 10 * (6 * body + attention) + 3 * 6 * 4 * 10
+
+
+@pytest.mark.parametrize("bf16_tflops,sizes", [(0.001, [128, 128]), (0.3, [128, 128, 512, 512])])
+def test_bf16_probe_stops_early_where_bf16_is_hopeless(monkeypatch, bf16_tflops, sizes):
+    """A CPU without bf16 kernels answers from the small probe (the 512 one takes seconds there)."""
+    from instructkit import metrics
+
+    seen = []
+
+    def peak(dtype_name, size=1024, reps=6):
+        seen.append(size)
+        return bf16_tflops if dtype_name == "bfloat16" else 0.1
+
+    monkeypatch.setattr(metrics, "matmul_peak_tflops", peak)
+    assert hardware.cpu_bf16_speedup.__wrapped__() == pytest.approx(bf16_tflops / 0.1)
+    assert seen == sizes
