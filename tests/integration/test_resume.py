@@ -16,13 +16,21 @@ from instructkit.metrics import read_metrics
 # Runs the CLI; with KILL_AT=NAME:N, the Nth write of a file called NAME is cut in half and the process
 # SIGKILLs itself, as a crash in the middle of writing a checkpoint would. STEP_DELAY=S slows each
 # optimizer step, so a signal sent from outside lands in the middle of an epoch, not at its end.
+# HOLD_UNTIL=PATH holds the run before each step after the first until PATH exists (at most 300 s), so step 1
+# is logged and the run is still going however slow the machine: no race.
 WRAPPER = """
 import os, signal, sys, time
 delay = float(os.environ.get("STEP_DELAY", "0"))
-if delay:
+hold = os.environ.get("HOLD_UNTIL")
+if delay or hold:
     import instructkit.train as tr
     step_once = tr.optimizer_step
+    calls = [0]
     def slow_step(*args, **kwargs):
+        deadline = time.time() + 300
+        while hold and calls[0] and not os.path.exists(hold) and time.time() < deadline:
+            time.sleep(0.05)
+        calls[0] += 1
         out = step_once(*args, **kwargs)
         time.sleep(delay)
         return out
@@ -49,8 +57,11 @@ sys.exit(main())
 STEPS = 6
 
 
-def start(config: Path, *extra: str, kill_at: str | None = None, delay: float = 0) -> subprocess.Popen:
+def start(config: Path, *extra: str, kill_at: str | None = None, delay: float = 0,
+          hold_until: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "STEP_DELAY": str(delay)}
+    if hold_until:
+        env["HOLD_UNTIL"] = str(hold_until)
     if kill_at:
         env["KILL_AT"] = kill_at
     return subprocess.Popen([sys.executable, "-c", WRAPPER, "train", str(config), *extra], env=env,
@@ -244,9 +255,11 @@ def test_a_burst_of_signals_still_exits_130(tiny_config, tmp_path):
 def test_a_second_train_on_a_running_directory_is_refused_and_the_first_finishes(tiny_config, tmp_path, reference):
     run = tmp_path / "run"
     config = same_data(tiny_config, reference, run)
-    first = start(config, delay=0.4)
+    gate = tmp_path / "second-done"
+    first = start(config, hold_until=gate)  # held after step 1 until the second train has answered
     wait_for_steps(run, 1, first)
     code, out = finish(start(config))
+    gate.touch()
     assert code == 2, out
     assert f"is in use by the training process pid {first.pid}" in out and "Traceback" not in out
     code, out = finish(first)
