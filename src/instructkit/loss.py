@@ -26,14 +26,20 @@ def _head_logp(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
+# Below this size (fp32 logits of one chunk; autograd also keeps their log-softmax) a chunk's logits are kept
+# for backward: recomputing them costs a head matmul, 2-5% of a CPU LoRA step on SmolLM2 with short answers.
+KEEP_LOGITS_BYTES = 64 * 2**20
+
+
 class SupervisedLoss(torch.nn.Module):
     """forward(input_ids, labels, [attention_mask], [position_ids]) -> summed loss (fp32 softmax)."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int = 1024, compile: bool = False,
-                 fast: bool | None = None):
+                 fast: bool | None = None, keep_logits_bytes: int = KEEP_LOGITS_BYTES):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.keep_logits_bytes = keep_logits_bytes
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = getattr(lm, "config", None)
         plain = any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
@@ -70,11 +76,17 @@ class SupervisedLoss(torch.nn.Module):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             h, y = hidden[start:start + self.chunk_tokens], wanted[start:start + self.chunk_tokens]
-            if torch.is_grad_enabled():  # keep only h for backward; the chunk's logits are recomputed
+            if torch.is_grad_enabled() and self._recompute(h, head):  # keep only h; the logits are recomputed
                 total = total + checkpoint(_head_ce, head, h, y, use_reentrant=False)
             else:
                 total = total + _head_ce(head, h, y)
         return total
+
+    def _recompute(self, hidden: torch.Tensor, head: torch.nn.Module) -> bool:
+        """Whether a chunk's logits are recomputed in backward rather than kept: only where keeping them
+        would cost memory worth the second head matmul (short answers supervise a few dozen tokens a batch)."""
+        vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+        return hidden.shape[0] * vocab * 4 > self.keep_logits_bytes  # fp32 logits, as _head_ce makes them
 
     @torch.no_grad()
     def eval_sums(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,

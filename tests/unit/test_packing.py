@@ -90,13 +90,16 @@ def test_isolation_probe_passes_and_refuses_a_leaking_model(tiny_model_dir):
         check_isolation(Leaky(model), 256, "cpu", atol=1e-4)
 
 
+@pytest.mark.parametrize("keep", [0, 2**30])  # logits recomputed in backward, or kept
 @pytest.mark.parametrize("chunk", [1, 4, 1024])
-def test_supervised_logits_path_equals_full_logits_in_loss_and_gradients(tiny_model_dir, chunk):
+def test_supervised_logits_path_equals_full_logits_in_loss_and_gradients(tiny_model_dir, chunk, keep):
     examples = _examples()
     results = []
     for fast in (True, False):
         model = _model(tiny_model_dir)
-        loss = SupervisedLoss(model, chunk_tokens=chunk, fast=fast)  # False: full logits via the model's forward
+        # fast=False: full logits via the model's forward
+        loss = SupervisedLoss(model, chunk_tokens=chunk, fast=fast, keep_logits_bytes=keep)
+        assert loss._recompute(torch.zeros(1, 2), model.get_output_embeddings()) is (keep == 0)
         assert loss.fast is fast
         value = loss(**pad_batch(examples, pad_id=0))
         value.backward()
