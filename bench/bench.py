@@ -199,7 +199,7 @@ def one(variant: str, method: str, steps: int, batch: int) -> dict:
 def markdown(results: list[dict], peaks: dict, command: str) -> str:
     lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
              f"date {time.strftime('%Y-%m-%d')}; command: `{command}`",
-             f"Measured matmul peak: fp32 {peaks['float32']:.3f} TFLOP/s, bf16 {peaks['bfloat16']:.3f} TFLOP/s.", ""]
+             f"Measured matmul peak: fp32 {peaks['float32']:.3g} TFLOP/s, bf16 {peaks['bfloat16']:.3g} TFLOP/s.", ""]
     for method in sorted({r["method"] for r in results}):
         rows_ = [r for r in results if r["method"] == method]
         base = {r["variant"]: r for r in rows_}
