@@ -4,9 +4,9 @@
 
 In one process: the model is loaded as training loads it (precision plan, gradient checkpointing,
 LoRA) and full optimizer steps run on batches of exactly per_device_train_batch_size x
-data.max_length tokens (the estimate's worst case, half of each row supervised). Measured = the peak
-of resident *anonymous* memory (sampled every millisecond) minus its value just before the model
-was loaded. Prints one JSON line.
+data.max_length tokens, every token supervised (the estimate's worst case: its loss term holds logits
+for every token of a chunk). Measured = the peak of resident *anonymous* memory (sampled every
+millisecond) minus its value just before the model was loaded. Prints one JSON line.
 
 Three things keep the measure about tensors, which is what the estimate (like a GPU's
 max_memory_allocated) counts: anonymous memory only, because file-backed pages (library code faulted
@@ -105,8 +105,7 @@ def main() -> int:
     batch, length = cfg.train.per_device_train_batch_size, cfg.data.max_length
     rows = batch * (1 if cfg.objective == "sft" else 2)  # pairs: a chosen and a rejected row each
     ids = torch.randint(0, 200, (rows, length))
-    labels = ids.clone()
-    labels[:, : length // 2] = -100
+    labels = ids.clone()  # all supervised, as the estimate assumes (half made the head's logits half the size)
     run_steps(cfg, path, ids[:2, -8:], labels[:2, -8:], 1)  # warm-up: code and imports, not measured
     gc.collect()
     before = anon_rss()
