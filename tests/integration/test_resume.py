@@ -267,9 +267,9 @@ def test_a_second_train_on_a_running_directory_is_refused_and_the_first_finishes
     assert outcome(run) == reference[0]  # the first run was not disturbed
 
 
-@pytest.mark.parametrize("tamper", [{"world_size": "abc"}, {"batch_in_epoch": -1}, {"world_size": 10**9},
-                                    {"step": None}], ids=["type", "negative", "huge", "missing"])
-def test_a_tampered_newest_checkpoint_is_skipped_with_its_reason(tiny_config, tmp_path, reference, tamper):
+# One kind of damage end to end; every kind is refused in tests/unit/test_checkpoint_and_eval.py.
+def test_a_tampered_newest_checkpoint_is_skipped_with_its_reason(tiny_config, tmp_path, reference):
+    tamper = {"world_size": 10**9}
     run = tmp_path / "run"
     config = same_data(tiny_config, reference, run)
     kill_after_steps(config, run, 3)

@@ -84,3 +84,21 @@ def test_tied_embeddings_save_and_load_once_and_stay_tied(tmp_path):
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# A hand-edited state.json of each kind is refused with its reason (the resume test runs one kind end to end).
+@pytest.mark.parametrize("tamper", [{"world_size": "abc"}, {"batch_in_epoch": -1}, {"world_size": 10**9},
+                                    {"step": None}], ids=["type", "negative", "huge", "missing"])
+def test_read_progress_refuses_a_tampered_state(tmp_path, tamper):
+    import json
+
+    from instructkit.checkpoint import TrainingProgress, read_progress
+
+    state = TrainingProgress(step=3, epoch_index=0, batch_in_epoch=3, epoch=0.5, total_steps=6, seed=1,
+                             global_batch=2).model_dump()
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert read_progress(tmp_path).step == 3
+    state.update(tamper)
+    (tmp_path / "state.json").write_text(json.dumps({k: v for k, v in state.items() if v is not None}))
+    with pytest.raises(ValueError, match=f"state.json is not valid \\({next(iter(tamper))}: "):
+        read_progress(tmp_path)
