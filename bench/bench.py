@@ -39,6 +39,7 @@ VARIANTS = {
     "instructkit": ("instructkit", []),
     "instructkit-packed": ("instructkit", ["data.packing=true"]),
     "instructkit-bf16": ("instructkit", ["model.precision=bf16"]),
+    "instructkit-fp32": ("instructkit", ["model.precision=fp32"]),  # where auto picks bf16: what that gains
     "instructkit-grouped": ("instructkit", ["train.group_by_length=true"]),
     "instructkit-compile": ("instructkit", ["train.compile=true", "train.group_by_length=true"]),
 }
@@ -165,8 +166,11 @@ def run_instructkit(model_path: str, method: str, steps: int, batch: int, out: P
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     train(load_config(path, list(overrides)), overwrite=True)
+    # precision: auto resolves per machine (bf16 where it measures faster); MFU needs what the run used
+    precision = json.loads((out / "run/manifest.json").read_text())["precision"]
     return [{"step": m["step"], "seconds": m["elapsed_s"], "tokens": round(m["tokens_per_s"] * m["elapsed_s"]),
-             "supervised": m["supervised_tokens"], "loss": m["loss"]} for m in read_metrics(out / "run") if "loss" in m]
+             "supervised": m["supervised_tokens"], "loss": m["loss"], "precision": precision}
+            for m in read_metrics(out / "run") if "loss" in m]
 
 
 RUNNERS = {"seed": run_seed, "trl": run_trl, "instructkit": run_instructkit}
@@ -188,7 +192,7 @@ def one(variant: str, method: str, steps: int, batch: int) -> dict:
     context = tokens / max(len(timed), 1) / max(batch, 1)
     flops = training_flops(AutoConfig.from_pretrained(model_path), method, tokens, supervised, context)
     losses = [r["loss"] for r in records if r["loss"] is not None]
-    precision = "bfloat16" if "model.precision=bf16" in overrides else "float32"
+    precision = {"bf16": "bfloat16", "fp16": "float16"}.get(records[-1].get("precision"), "float32")
     return {"variant": variant, "method": method, "precision": precision, "steps": len(records),
             "tokens_per_s": tokens / seconds,
             "supervised_tokens_per_s": supervised / seconds, "s_per_step": statistics.median(r["seconds"] for r in timed),
