@@ -20,6 +20,7 @@ GIB = 1024**3
 METHODS = ("full", "lora", "qlora")
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 LOSS_CHUNK = 1024  # tokens whose logits the loss holds at once (loss.SupervisedLoss.chunk_tokens)
+MATMUL_MAX_SCORES = 3 * 2**20  # cpu_kernels.MATMUL_MAX_SCORES (that module imports torch; this one does not)
 CUDA_CONTEXT = 0.75 * GIB  # CUDA context, cuBLAS/NCCL workspaces: paid once per GPU process
 
 
@@ -155,13 +156,17 @@ def estimate_table(cfg: RunConfig, gpus: int, gpu_memory: float | None, shape: S
     # A preference micro-batch of B pairs runs 2B sequences (chosen and rejected) through one forward pass;
     # DPO's reference log-probs are computed before training, so no second model is held.
     sequences = cfg.train.per_device_train_batch_size * (1 if cfg.objective == "sft" else 2)
+    # bf16 on a CPU: attention of small score tensors runs as matmuls that keep the L x L weights (cpu_kernels.py)
+    matmul_attention = (not gpu and compute_bytes == 2 and cfg.model.attn_implementation == "auto"
+                        and sequences * shape.heads * cfg.data.max_length**2 <= MATMUL_MAX_SCORES)
     rows = []
     for method in METHODS if gpu else ("full", "lora"):  # QLoRA's 4-bit kernels need CUDA
         for strategy in STRATEGIES:
             if gpus == 1 and strategy != "ddp":
                 continue  # one device: sharding has nothing to spread over
             parts = breakdown(shape, method, strategy, gpus, compute_bytes, sequences, cfg.data.max_length,
-                              cfg.model.gradient_checkpointing, cfg.model.attn_implementation == "eager", gpu,
+                              cfg.model.gradient_checkpointing,
+                              cfg.model.attn_implementation == "eager" or matmul_attention, gpu,
                               # peft copies an adapted input for dropout, or to cast it to the fp32 adapter
                               input_copies=cfg.lora.dropout > 0 or compute_bytes != 4)
             total = peak(parts)

@@ -42,11 +42,15 @@ def cpu_bf16_speedup() -> float:
 
 
 def resolve_attention(attn: str) -> str:
-    """auto -> flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    """auto -> flash_attention_2 on CUDA when flash-attn is installed, else sdpa; on a CPU, instructkit's CPU
+    attention (cpu_kernels.py: SDPA, with packed examples attended one by one and, in bf16/fp16, small score
+    tensors as plain matmuls; the rule reads shapes and dtype per call)."""
     import torch
 
     if attn != "auto":
         return attn
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    if torch.cuda.is_available():
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    from instructkit.cpu_kernels import register
+
+    return register()

@@ -50,8 +50,11 @@ def _examples():
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "instructkit_cpu"])
 def test_packed_logits_equal_each_example_alone(tiny_model_dir, attn):
+    from instructkit.cpu_kernels import register
+
+    register()
     model, examples = _model(tiny_model_dir, attn), _examples()
     with torch.no_grad():
         batch = packed_batch([examples[:2], examples[2:]])

@@ -1,0 +1,153 @@
+"""Faster paths for training in bf16 on a CPU, where two of a LoRA step's costs are not matmuls.
+
+Attention: on an AMD EPYC with avx512_bf16, SDPA's CPU flash kernel in bf16 took 29% of a SmolLM2 LoRA step
+(its backward alone 24%) on rows of up to 256 tokens; two matmuls and a softmax did the same attention 2-4x
+faster on small score tensors, and the flash kernel wins on large ones and in fp32 (bench/RESULTS.md). The
+choice is a rule on device, dtype and size, not a timing, so a resumed run takes the same path as the run it
+continues. Registered with transformers as "instructkit_cpu" with SDPA's mask format (True = attend, None =
+causal); everything outside the rule goes to transformers' own SDPA function unchanged.
+
+Dropout: LoRA's input dropout drew one random number per element through torch's Bernoulli sampler, 13% of
+the same step; `CpuDropout` draws four 16-bit numbers from each 64-bit one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "instructkit_cpu"
+# The largest score tensor (batch x heads x length^2) for the matmul path. SmolLM2's shapes (9 heads), batch 8,
+# bf16 forward and backward on the EPYC: 4.8x faster at 64 tokens, 2x at 200 (2.9M scores); at 208 tokens the
+# fp32 softmax outgrows the caches and the two tie, at 512 the matmul path is 2.3x slower.
+MATMUL_MAX_SCORES = 3 * 2**20
+
+
+def register() -> str:
+    """Make NAME an attention implementation transformers can load a model with (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [B, H, L, D], key/value [B, KV, S, D] -> ([B, L, H, D], None)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    lengths = packed_lengths(query, attention_mask, kwargs.get("position_ids"), dropout, causal, kwargs)
+    if lengths:
+        return segment_attention(query, key, value, lengths, scale), None
+    if not uses_matmul_path(query, key, attention_mask, dropout, causal, kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    return matmul_attention(query, key, value, attention_mask, scale), None
+
+
+def packed_lengths(query: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                   dropout: float, causal: bool, extra: dict) -> list[int]:
+    """The example lengths of a padding-free packed row (one row whose positions restart at each example,
+    as data.packing makes it), when its mask is exactly causal within each example and empty across them;
+    else []. transformers builds such a mask only where no padding mask was given, so it is verified here."""
+    if (query.device.type != "cpu" or query.shape[0] != 1 or mask is None or mask.dtype != torch.bool
+            or position_ids is None or position_ids.shape[-1] != query.shape[2] or dropout or not causal
+            or any(extra.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux"))):
+        return []
+    positions = position_ids.reshape(-1)
+    example = (torch.diff(positions, prepend=positions[:1] - 1) != 1).cumsum(0)  # transformers' rule
+    if example[-1] == 0:
+        return []  # one example: nothing to split
+    length = positions.shape[0]
+    expected = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
+    expected &= example[:, None] == example[None, :]
+    if mask.shape[-2:] != expected.shape or not torch.equal(mask.reshape(-1, length, length)[0], expected):
+        return []
+    return torch.unique_consecutive(example, return_counts=True)[1].tolist()
+
+
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+                      scale: float) -> torch.Tensor:
+    """Causal attention of each packed example on its own: the sum of the squares of the lengths instead of
+    the square of their sum, which is what made packing slower than padding on a CPU."""
+    outputs, start = [], 0
+    heads = query.shape[1]
+    for n in lengths:
+        q, k, v = (t[:, :, start:start + n] for t in (query, key, value))
+        if q.dtype in (torch.bfloat16, torch.float16) and heads * n * n <= MATMUL_MAX_SCORES:
+            outputs.append(matmul_attention(q, k, v, None, scale))
+        else:
+            outputs.append(torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2))
+        start += n
+    return torch.cat(outputs, dim=1).contiguous()
+
+
+def uses_matmul_path(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+                     causal: bool, extra: dict) -> bool:
+    """Short bf16/fp16 self-attention on a CPU, with nothing the plain path does not implement."""
+    batch, heads, length, _ = query.shape
+    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+            and 1 < length and batch * heads * length**2 <= MATMUL_MAX_SCORES and key.shape[2] == length
+            and not dropout
+            and (mask is not None and mask.dtype == torch.bool or mask is None and causal)
+            and not any(extra.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux")))
+
+
+def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v with an fp32 softmax, as transformers' eager attention computes it. The
+    query heads that share a key/value head are stacked into one matmul, so k and v are never repeated."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    q = query.reshape(batch, kv_heads, groups * length, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(batch, kv_heads, groups, length, -1) * scale
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    else:
+        mask = mask.unsqueeze(2)  # [B, 1, L, S] -> [B, 1, 1, L, S]: one mask for every head
+    # the most negative finite value, as eager attention uses: a row with nothing to attend (a pad position)
+    # gets uniform weights instead of NaN
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, groups * length, -1), value)
+    return out.view(batch, heads, length, dim).transpose(1, 2).contiguous()
+
+
+class CpuDropout(torch.nn.Module):
+    """nn.Dropout with a 4x cheaper random draw on a CPU: one 64-bit random number gives four 16-bit draws (an
+    element is kept when its draw is at least p * 65536), where torch's Bernoulli sampler draws one number per
+    element. p is thereby rounded to 1/65536. Elsewhere, and in eval, exactly nn.Dropout."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.p or x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, self.training)
+        words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-2**63, None)  # every 64-bit value
+        draws = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform over -32768..32767
+        keep = draws >= round(self.p * 65536) - 32768
+        return torch.where(keep, x, 0) * (1.0 / (1.0 - self.p))  # where: no copy of the mask into x's dtype
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_cpu_dropout(model: torch.nn.Module) -> int:
+    """Replace the dropout of every LoRA layer (peft's lora_dropout) with CpuDropout; returns how many."""
+    replaced = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for name, drop in list(drops.items()):
+                if type(drop) is torch.nn.Dropout:
+                    drops[name] = CpuDropout(drop.p)
+                    replaced += 1
+    return replaced

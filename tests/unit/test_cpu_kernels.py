@@ -1,0 +1,130 @@
+"""cpu_kernels: the matmul attention computes what SDPA computes (values and gradients, padding, packing,
+grouped heads), transformers loads a model with it and routes only the calls the rule names to it, and
+CpuDropout is a dropout: the right rate, the right scale, gradients through kept elements only, seeded."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instructkit import cpu_kernels
+from instructkit.cpu_kernels import CpuDropout, matmul_attention, register, use_cpu_dropout
+
+
+def _qkv(batch=3, heads=6, kv_heads=2, length=12, dim=8, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, h, length, dim, generator=gen, dtype=dtype).requires_grad_()
+            for h in (heads, kv_heads, kv_heads)]
+
+
+def _masks(batch=3, length=12):
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    lengths = torch.tensor([length, 7, 3])[:batch]
+    padded = causal[None, None] & (torch.arange(length)[None, :] < lengths[:, None])[:, None, None, :]
+    segment = (torch.arange(length) >= 5).long()  # two packed examples: 5 tokens, then 7
+    packed = (causal & (segment[:, None] == segment[None, :]))[None, None].expand(batch, 1, length, length)
+    return {"causal (None)": None, "padded": padded, "packed": packed}
+
+
+@pytest.mark.parametrize("kind", ["causal (None)", "padded", "packed"])
+def test_matmul_attention_equals_sdpa_in_values_and_gradients(kind):
+    mask = _masks()[kind]
+    q, k, v = _qkv()
+    ours = matmul_attention(q, k, v, mask, 0.3)
+    ours.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                               attn_mask=mask, is_causal=mask is None, scale=0.3).transpose(1, 2)
+    reference.square().sum().backward()
+    rows = slice(None) if kind != "padded" else (0, slice(None))  # pad rows of a padded batch: nobody reads them
+    assert torch.allclose(ours[rows], reference[rows], atol=1e-5)
+    for ours_grad, t in zip(grads, (q, k, v)):
+        assert torch.allclose(ours_grad, t.grad, atol=1e-4)
+
+
+def test_the_rule_takes_short_bf16_self_attention_only():
+    short = torch.zeros(2, 4, 16, 8, dtype=torch.bfloat16)
+    mask = torch.ones(2, 1, 16, 16, dtype=torch.bool)
+    assert cpu_kernels.uses_matmul_path(short, short, mask, 0.0, True, {})
+    assert cpu_kernels.uses_matmul_path(short, short, None, 0.0, True, {})
+    assert not cpu_kernels.uses_matmul_path(short.float(), short.float(), mask, 0.0, True, {})  # fp32: SDPA wins
+    assert not cpu_kernels.uses_matmul_path(short, short[:, :, :1], mask, 0.0, True, {})  # cached decoding
+    assert not cpu_kernels.uses_matmul_path(short, short, None, 0.0, False, {})  # bidirectional
+    assert not cpu_kernels.uses_matmul_path(short, short, mask, 0.1, True, {})  # attention dropout
+    assert not cpu_kernels.uses_matmul_path(short, short, mask, 0.0, True, {"sliding_window": 4})
+    assert not cpu_kernels.uses_matmul_path(short, short, mask.float(), 0.0, True, {})
+    long = torch.zeros(8, 9, 256, 8, dtype=torch.bfloat16)  # 4.7M scores: the flash kernel is faster
+    assert not cpu_kernels.uses_matmul_path(long, long, None, 0.0, True, {})
+    from instructkit import estimate
+
+    assert estimate.MATMUL_MAX_SCORES == cpu_kernels.MATMUL_MAX_SCORES  # the estimate counts the same rule
+
+
+def test_a_model_loaded_with_it_matches_sdpa_and_uses_the_matmul_path_in_bf16(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+    real = cpu_kernels.matmul_attention
+    monkeypatch.setattr(cpu_kernels, "matmul_attention", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(3, 200, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    logits = {}
+    for attn in ("sdpa", register()):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation=attn)
+        logits[attn] = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert len(calls) == 2  # both layers
+    real_tokens = mask.bool()
+    difference = (logits["sdpa"] - logits[register()]).abs()[real_tokens].max().item()
+    assert difference < 0.05 * logits["sdpa"].abs().max().item()
+
+
+def test_cpu_dropout_drops_at_its_rate_scales_and_passes_gradients_through_kept_elements():
+    torch.manual_seed(0)
+    drop = CpuDropout(0.05).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.95) < 0.002
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.95))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.full_like(y[kept], 1 / 0.95))
+    torch.manual_seed(0)
+    assert torch.equal(CpuDropout(0.05).train()(torch.ones(1000, 1000)), y.detach())  # seeded: reproducible
+    assert torch.equal(drop.eval()(x), x)
+    odd = torch.ones(3, 5, dtype=torch.bfloat16)  # a size that is not a multiple of four draws
+    assert drop.train()(odd).shape == odd.shape
+
+
+def test_lora_layers_get_the_cpu_dropout(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from instructkit.config import LoraConfig
+    from instructkit.models import apply_lora
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       LoraConfig(r=2, alpha=4, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    drops = [m for m in model.modules() if isinstance(m, CpuDropout)]
+    assert len(drops) == 4 and all(d.p == 0.1 for d in drops)
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert use_cpu_dropout(model) == 0  # nothing left to replace
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_row_is_attended_example_by_example_with_the_same_result(dtype):
+    from instructkit.cpu_kernels import packed_lengths, segment_attention
+
+    q, k, v = _qkv(batch=1, dtype=dtype)
+    mask = _masks(batch=1)["packed"]
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    assert packed_lengths(q, mask, positions, 0.0, True, {}) == [5, 7]
+    ours = segment_attention(q, k, v, [5, 7], 0.3)
+    reference = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(3, 1),
+                                               v.float().repeat_interleave(3, 1), attn_mask=mask,
+                                               scale=0.3).transpose(1, 2)
+    assert torch.allclose(ours.float(), reference, atol=1e-5 if dtype == torch.float32 else 3e-2)
+    # anything but an exact per-example causal mask keeps the whole-row path
+    assert packed_lengths(q, _masks(batch=1)["padded"], positions, 0.0, True, {}) == []
+    assert packed_lengths(q, mask, torch.arange(12)[None], 0.0, True, {}) == []
+    assert packed_lengths(q, mask, positions, 0.1, True, {}) == []
