@@ -37,7 +37,7 @@ class ModelConfig(_Strict):
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa; on a CPU "
-        "instructkit_cpu: sdpa, with packed examples attended one by one and, in bf16, small attention as matmuls"
+        "sdpa_instructkit_cpu: sdpa, with packed examples attended one by one and, in bf16, small attention as matmuls"
     )
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto", description="fused GPU kernels: liger applies Liger Kernel's RMSNorm, RoPE, SwiGLU and fused linear "

@@ -4,7 +4,7 @@ Attention: on an AMD EPYC with avx512_bf16, SDPA's CPU flash kernel in bf16 took
 (its backward alone 24%) on rows of up to 256 tokens; two matmuls and a softmax did the same attention 2-4x
 faster on small score tensors, and the flash kernel wins on large ones and in fp32 (bench/RESULTS.md). The
 choice is a rule on device, dtype and size, not a timing, so a resumed run takes the same path as the run it
-continues. Registered with transformers as "instructkit_cpu" with SDPA's mask format (True = attend, None =
+continues. Registered with transformers as "sdpa_instructkit_cpu" with SDPA's mask format (True = attend, None =
 causal); everything outside the rule goes to transformers' own SDPA function unchanged.
 
 Dropout: LoRA's input dropout drew one random number per element through torch's Bernoulli sampler, 13% of
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-NAME = "instructkit_cpu"
+# "sdpa" in the name makes transformers refuse, at load, models that cannot run SDPA (attention sinks,
+# softcapping), as it refuses them for "sdpa" itself; the fallback below would otherwise drop what they pass.
+NAME = "sdpa_instructkit_cpu"
 # The largest score tensor (batch x heads x length^2) for the matmul path. SmolLM2's shapes (9 heads), batch 8,
 # bf16 forward and backward on the EPYC: 4.8x faster at 64 tokens, 2x at 200 (2.9M scores); at 208 tokens the
 # fp32 softmax outgrows the caches and the two tie, at 512 the matmul path is 2.3x slower.
@@ -55,6 +57,7 @@ def packed_lengths(query: torch.Tensor, mask: torch.Tensor | None, position_ids:
     as data.packing makes it), when its mask is exactly causal within each example and empty across them;
     else []. transformers builds such a mask only where no padding mask was given, so it is verified here."""
     if (query.device.type != "cpu" or query.shape[0] != 1 or mask is None or mask.dtype != torch.bool
+            or mask.shape[1] != 1
             or position_ids is None or position_ids.shape[-1] != query.shape[2] or dropout or not causal
             or any(extra.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux"))):
         return []
@@ -94,7 +97,7 @@ def uses_matmul_path(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
     return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
             and 1 < length and batch * heads * length**2 <= MATMUL_MAX_SCORES and key.shape[2] == length
             and not dropout
-            and (mask is not None and mask.dtype == torch.bool or mask is None and causal)
+            and (mask is not None and mask.dtype == torch.bool and mask.shape[1] == 1 or mask is None and causal)
             and not any(extra.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux")))
 
 
@@ -116,7 +119,7 @@ def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs.view(batch, kv_heads, groups * length, -1), value)
-    return out.view(batch, heads, length, dim).transpose(1, 2).contiguous()
+    return out.view(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous()  # v's width may differ
 
 
 class CpuDropout(torch.nn.Module):
@@ -133,8 +136,10 @@ class CpuDropout(torch.nn.Module):
             return torch.nn.functional.dropout(x, self.p, self.training)
         words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-2**63, None)  # every 64-bit value
         draws = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform over -32768..32767
-        keep = draws >= round(self.p * 65536) - 32768
-        return torch.where(keep, x, 0) * (1.0 / (1.0 - self.p))  # where: no copy of the mask into x's dtype
+        dropped = round(self.p * 65536)
+        keep = draws >= dropped - 32768
+        # the scale of the probability actually kept, so the output stays unbiased; where: no mask copy in x's dtype
+        return torch.where(keep, x, 0) * (65536 / (65536 - dropped))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

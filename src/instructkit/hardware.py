@@ -41,7 +41,7 @@ def cpu_bf16_speedup() -> float:
     return matmul_peak_tflops("bfloat16", size=512) / matmul_peak_tflops("float32", size=512)
 
 
-def resolve_attention(attn: str) -> str:
+def resolve_attention(attn: str, trust_remote_code: bool = False) -> str:
     """auto -> flash_attention_2 on CUDA when flash-attn is installed, else sdpa; on a CPU, instructkit's CPU
     attention (cpu_kernels.py: SDPA, with packed examples attended one by one and, in bf16/fp16, small score
     tensors as plain matmuls; the rule reads shapes and dtype per call)."""
@@ -51,6 +51,8 @@ def resolve_attention(attn: str) -> str:
         return attn
     if torch.cuda.is_available():
         return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    if trust_remote_code:  # remote model code may branch on the name "sdpa" itself
+        return "sdpa"
     from instructkit.cpu_kernels import register
 
     return register()

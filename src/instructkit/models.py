@@ -234,7 +234,7 @@ def plan_loading(model_cfg: "ModelConfig", method: str, training: bool) -> LoadP
     """Full fine-tuning keeps fp32 master weights and autocasts; LoRA and inference load in the compute dtype."""
     precision = resolve_precision(model_cfg.precision)
     weights = "fp32" if (training and method == "full") else precision
-    return LoadPlan(DTYPES[weights], precision, resolve_attention(model_cfg.attn_implementation))
+    return LoadPlan(DTYPES[weights], precision, resolve_attention(model_cfg.attn_implementation, model_cfg.trust_remote_code))
 
 
 def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: Any = None) -> torch.nn.Module:

@@ -128,3 +128,24 @@ def test_a_packed_row_is_attended_example_by_example_with_the_same_result(dtype)
     assert packed_lengths(q, _masks(batch=1)["padded"], positions, 0.0, True, {}) == []
     assert packed_lengths(q, mask, torch.arange(12)[None], 0.0, True, {}) == []
     assert packed_lengths(q, mask, positions, 0.1, True, {}) == []
+
+
+def test_a_model_that_cannot_run_sdpa_is_refused_at_load_as_with_sdpa():
+    """GPT-OSS passes attention sinks, which the SDPA fallback would drop: transformers refuses it for any
+    implementation named with "sdpa", so the name carries it."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
+    with pytest.raises(ValueError, match="does not support an attention implementation"):
+        AutoModelForCausalLM.from_config(cfg, attn_implementation=register())
+
+
+def test_values_narrower_than_queries_and_per_head_masks():
+    q, k, _ = _qkv(batch=2)
+    v = torch.randn(2, 2, 12, 4)  # DeepSeek-style attention: value heads narrower than query heads
+    reference = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                               is_causal=True, scale=0.3).transpose(1, 2)
+    assert torch.allclose(matmul_attention(q, k, v, None, 0.3), reference, atol=1e-5)
+    per_head = torch.ones(2, 6, 12, 12, dtype=torch.bool)  # a mask per head is left to SDPA
+    assert not cpu_kernels.uses_matmul_path(q.bfloat16(), k.bfloat16(), per_head, 0.0, True, {})

@@ -50,7 +50,7 @@ def _examples():
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "instructkit_cpu"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_instructkit_cpu"])
 def test_packed_logits_equal_each_example_alone(tiny_model_dir, attn):
     from instructkit.cpu_kernels import register
 
