@@ -27,7 +27,7 @@ def test_training_flops_by_hand():
     assert training_flops(cfg, "full", 10, 3, 6) == 10 * (6 * body + attention) + 3 * 6 * 4 * 10
 
 
-@pytest.mark.parametrize("bf16_tflops,sizes", [(0.001, [128, 128]), (0.3, [128, 128, 512, 512])])
+@pytest.mark.parametrize("bf16_tflops,sizes", [(0.001, [128] * 4), (0.3, [128] * 4 + [512] * 6)])
 def test_bf16_probe_stops_early_where_bf16_is_hopeless(monkeypatch, bf16_tflops, sizes):
     """A CPU without bf16 kernels answers from the small probe (the 512 one takes seconds there)."""
     from instructkit import metrics
