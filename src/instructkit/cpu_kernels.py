@@ -1,11 +1,12 @@
-"""Faster paths for training in bf16 on a CPU, where two of a LoRA step's costs are not matmuls.
+"""Faster paths for training on a CPU, above all in bf16, where two of a LoRA step's costs are not matmuls.
 
 Attention: on an AMD EPYC with avx512_bf16, SDPA's CPU flash kernel in bf16 took 29% of a SmolLM2 LoRA step
 (its backward alone 24%) on rows of up to 256 tokens; two matmuls and a softmax did the same attention 2-4x
 faster on small score tensors, and the flash kernel wins on large ones and in fp32 (bench/RESULTS.md). The
 choice is a rule on device, dtype and size, not a timing, so a resumed run takes the same path as the run it
 continues. Registered with transformers as "sdpa_instructkit_cpu" with SDPA's mask format (True = attend, None =
-causal); everything outside the rule goes to transformers' own SDPA function unchanged.
+causal); everything outside the rule goes to transformers' own SDPA function unchanged. In any dtype, a
+padding-free packed row (data.packing) is attended example by example instead of over its whole length.
 
 Dropout: LoRA's input dropout drew one random number per element through torch's Bernoulli sampler, 13% of
 the same step; `CpuDropout` draws four 16-bit numbers from each 64-bit one.
