@@ -91,7 +91,9 @@ def read_job(run_dir: Path, kind: str) -> dict | None:
         state = json.loads(state_path.read_text())
     except (OSError, ValueError):
         return None
-    if state.get("status") == "running" and not pid_alive(state.get("pid")):
+    # lost only when the studio that runs its steps is gone too: between two steps, and between the last
+    # step's exit and the state saying so, the step's process is already gone while the job still runs
+    if state.get("status") == "running" and not pid_alive(state.get("runner")) and not pid_alive(state.get("pid")):
         state["status"] = "lost"
         state["note"] = "its process ended while the studio was not watching; run it again"
     state["log"] = tail(log_path, 40)
@@ -109,6 +111,7 @@ def start_job(run_dir: Path, kind: str, steps: list[tuple[str, list[str]]], resu
                                f"{len(current['steps'])}). Fix: wait for it to end.")
     state_path, log_path = job_paths(run_dir, kind)
     state = {"kind": kind, "status": "running", "steps": [t for t, _ in steps], "step": 0, "pid": None,
+             "runner": os.getpid(),
              "started": time.time(), "ended": None, "returncode": None, "result": result,
              "commands": ["instructkit " + " ".join(a[3:]) for _, a in steps]}
     log_path.parent.mkdir(parents=True, exist_ok=True)
