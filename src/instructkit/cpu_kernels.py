@@ -57,10 +57,8 @@ def packed_lengths(query: torch.Tensor, mask: torch.Tensor | None, position_ids:
     """The example lengths of a padding-free packed row (one row whose positions restart at each example,
     as data.packing makes it), when its mask is exactly causal within each example and empty across them;
     else []. transformers builds such a mask only where no padding mask was given, so it is verified here."""
-    if (query.device.type != "cpu" or query.shape[0] != 1 or mask is None or mask.dtype != torch.bool
-            or mask.shape[1] != 1
-            or position_ids is None or position_ids.shape[-1] != query.shape[2] or dropout or not causal
-            or any(extra.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux"))):
+    if (not _plain_cpu_attention(query, mask, dropout, extra) or query.shape[0] != 1 or mask is None
+            or position_ids is None or position_ids.shape[-1] != query.shape[2] or not causal):
         return []
     positions = position_ids.reshape(-1)
     example = (torch.diff(positions, prepend=positions[:1] - 1) != 1).cumsum(0)  # transformers' rule
@@ -90,7 +88,7 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     q, k, v = gather(query), gather(key), gather(value)
     mask = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None, None] & real[:, None, None, :]
-    if q.dtype in (torch.bfloat16, torch.float16) and q.shape[0] * q.shape[1] * longest**2 <= MATMUL_MAX_SCORES:
+    if _matmul_is_faster(q):
         out = matmul_attention(q, k, v, mask, scale)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
@@ -101,12 +99,23 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def uses_matmul_path(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
                      causal: bool, extra: dict) -> bool:
     """Short bf16/fp16 self-attention on a CPU, with nothing the plain path does not implement."""
-    batch, heads, length, _ = query.shape
-    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
-            and 1 < length and batch * heads * length**2 <= MATMUL_MAX_SCORES and key.shape[2] == length
-            and not dropout
-            and (mask is not None and mask.dtype == torch.bool and mask.shape[1] == 1 or mask is None and causal)
+    length = query.shape[2]
+    return (_plain_cpu_attention(query, mask, dropout, extra) and _matmul_is_faster(query)
+            and 1 < length and key.shape[2] == length and (mask is not None or causal))
+
+
+def _plain_cpu_attention(query: torch.Tensor, mask: torch.Tensor | None, dropout: float, extra: dict) -> bool:
+    """On a CPU, no attention dropout, a bool mask shared by all heads (or none), and nothing the matmul and
+    per-example paths do not implement (softcapping, sliding windows, position biases, attention sinks)."""
+    return (query.device.type == "cpu" and not dropout
+            and (mask is None or mask.dtype == torch.bool and mask.shape[1] == 1)
             and not any(extra.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux")))
+
+
+def _matmul_is_faster(query: torch.Tensor) -> bool:
+    """bf16/fp16 with a score tensor (batch x heads x length^2) that stays in the caches."""
+    batch, heads, length, _ = query.shape
+    return query.dtype in (torch.bfloat16, torch.float16) and batch * heads * length**2 <= MATMUL_MAX_SCORES
 
 
 def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
