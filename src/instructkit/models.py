@@ -234,7 +234,8 @@ def plan_loading(model_cfg: "ModelConfig", method: str, training: bool) -> LoadP
     """Full fine-tuning keeps fp32 master weights and autocasts; LoRA and inference load in the compute dtype."""
     precision = resolve_precision(model_cfg.precision)
     weights = "fp32" if (training and method == "full") else precision
-    return LoadPlan(DTYPES[weights], precision, resolve_attention(model_cfg.attn_implementation, model_cfg.trust_remote_code))
+    attention = resolve_attention(model_cfg.attn_implementation, model_cfg.trust_remote_code)
+    return LoadPlan(DTYPES[weights], precision, attention)
 
 
 def load_model(path: str, model_cfg: "ModelConfig", plan: LoadPlan, device_map: Any = None) -> torch.nn.Module:
@@ -282,13 +283,13 @@ def apply_lora(model: torch.nn.Module, lora_cfg: "LoraConfig", gradient_checkpoi
                               task_type="CAUSAL_LM")
     try:
         with quiet_peft():
-            model = get_peft_model(model, peft_cfg)
-        use_cpu_dropout(model)  # the same dropout, its random draw 4x cheaper on a CPU (nn.Dropout on GPUs)
-        return model
+            adapted = get_peft_model(model, peft_cfg)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
         raise user_error(f"LoRA cannot be applied ({exc})", "lora.target_modules",
                          f"use all-linear or names of this model's linear layers: {', '.join(names)}") from exc
+    use_cpu_dropout(adapted)  # the same dropout, its random draw 4x cheaper on a CPU (nn.Dropout on GPUs)
+    return adapted
 
 
 @contextlib.contextmanager
