@@ -201,6 +201,12 @@ class TrainConfig(_Strict):
     ddp_timeout: int = Field(
         1800, ge=10, description="seconds a collective (all-reduce, barrier) may wait for the other processes")
 
+    @field_validator("save_strategy", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` as false (`save_strategy: no`, `--set train.save_strategy=no`)
+        return "no" if value is False else value
+
 
 class DistributedConfig(_Strict):
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(

@@ -315,6 +315,10 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
     keep_best = keeps_best(cfg, run)
 
     def checkpoint(at_step: int, epoch_index: int, batch: int) -> Path | None:
+        with monitor.paused():
+            return save(at_step, epoch_index, batch)
+
+    def save(at_step: int, epoch_index: int, batch: int) -> Path | None:
         progress = TrainingProgress(step=at_step, epoch_index=epoch_index, batch_in_epoch=batch,
                                     epoch=epoch_index + batch / loop.micro_per_epoch, total_steps=loop.total_steps,
                                     seed=cfg.seed, global_batch=loop.global_batch, **tracker.progress_fields())
@@ -322,11 +326,12 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
                                tc.save_total_limit, ranks)
 
     def evaluate() -> None:
-        metrics = eval_metrics(objective, loop.eval_loader, acc, loop.loss_fn)
-        monitor.eval_done(step, metrics)
-        if tracker.update(step, metrics) and keep_best:
-            save_best(Path(cfg.output_dir), model, step, tracker.metric, metrics[tracker.metric],
-                      ranks_of(acc, sharded=False))
+        with monitor.paused():
+            metrics = eval_metrics(objective, loop.eval_loader, acc, loop.loss_fn)
+            monitor.eval_done(step, metrics)
+            if tracker.update(step, metrics) and keep_best:
+                save_best(Path(cfg.output_dir), model, step, tracker.metric, metrics[tracker.metric],
+                          ranks_of(acc, sharded=False))
         if tracker.should_stop:
             run.say(f"early stopping at step {step}: {tracker.metric} has not improved for {tracker.since_best} "
                     f"evaluations (best {tracker.best_value:.4f} at step {tracker.best_step})")

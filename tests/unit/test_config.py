@@ -74,6 +74,10 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(path, ["lora.r"])
     with pytest.raises(UserError, match="is not a section"):
         apply_overrides({"method": "lora"}, ["method.x=1"])
+    # YAML 1.1 reads an unquoted `no` as false; `save_strategy: no` means "no"
+    assert load_config(path, ["train.save_strategy=no"]).train.save_strategy == "no"
+    with pytest.raises(UserError, match="train.save_strategy"):
+        load_config(path, ["train.save_strategy=true"])
 
 
 def test_cross_field_checks(tmp_path):
