@@ -154,12 +154,34 @@ class CpuDropout(torch.nn.Module):
         words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-2**63, None)  # every 64-bit value
         draws = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform over -32768..32767
         dropped = round(self.p * 65536)
-        keep = draws >= dropped - 32768
-        # the scale of the probability actually kept, so the output stays unbiased; where: no mask copy in x's dtype
-        return torch.where(keep, x, 0) * (65536 / (65536 - dropped))
+        # the scale of the probability actually kept, so the output stays unbiased
+        return _KeepDraws.apply(x, draws, dropped - 32768, 65536 / (65536 - dropped))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class _KeepDraws(torch.autograd.Function):
+    """x * keep * scale with keep = (draws >= threshold), forward and backward as multiplies by a 0/1 tensor in
+    x's dtype: torch.where and bool masks take 5-10x a multiply's time on a CPU. The same values as
+    where(keep, x, 0) * scale, bit for bit (times one is exact; the scale is applied as a Python number, which
+    the kernel keeps in fp32 for bf16 inputs). Backward keeps the 16-bit draws and rebuilds the 0/1 tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, draws: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(draws)
+        ctx.threshold, ctx.scale = threshold, scale
+        return (x * _ones_where_kept(draws, threshold, x.dtype)).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (draws,) = ctx.saved_tensors
+        return (grad * _ones_where_kept(draws, ctx.threshold, grad.dtype)).mul_(ctx.scale), None, None, None
+
+
+def _ones_where_kept(draws: torch.Tensor, threshold: int, dtype: torch.dtype) -> torch.Tensor:
+    ones = torch.empty(draws.shape, dtype=dtype)
+    return torch.ge(draws, threshold, out=ones)  # written straight into the float tensor: no bool, no cast
 
 
 def use_cpu_dropout(model: torch.nn.Module) -> int:

@@ -149,3 +149,23 @@ def test_values_narrower_than_queries_and_per_head_masks():
     assert torch.allclose(matmul_attention(q, k, v, None, 0.3), reference, atol=1e-5)
     per_head = torch.ones(2, 6, 12, 12, dtype=torch.bool)  # a mask per head is left to SDPA
     assert not cpu_kernels.uses_matmul_path(q.bfloat16(), k.bfloat16(), per_head, 0.0, True, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_multiplies_exactly_as_the_masked_form(dtype):
+    """The multiply-by-ones form gives where(keep, x, 0) * scale bit for bit, forward and backward, from the same
+    random draws (so runs and resumes made before it reproduce)."""
+    torch.manual_seed(1)
+    x = torch.randn(7, 33, dtype=dtype, requires_grad=True)
+    grad = torch.randn(7, 33, dtype=dtype)
+    torch.manual_seed(2)
+    y = CpuDropout(0.1).train()(x)
+    y.backward(grad)
+    torch.manual_seed(2)
+    words = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-2**63, None)
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= round(0.1 * 65536) - 32768
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    ref = x.detach().clone().requires_grad_()
+    expected = torch.where(keep, ref, 0) * scale
+    expected.backward(grad)
+    assert torch.equal(y.detach(), expected.detach()) and torch.equal(x.grad, ref.grad)
