@@ -17,6 +17,13 @@ def test_gpu_benchmark_smoke_runs_on_cpu():
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in results)
 
 
+def test_cpu_ceiling_benchmark_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "bench/cpu_ceiling.py"), "--dtype", "float32", "--rows", "8",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "chain of model-shaped matmuls" in out.stdout and "TFLOP/s" in out.stdout
+
+
 def test_quality_suite_is_deterministic_and_keeps_entities_apart(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     from quality_tasks import TASKS, build
