@@ -156,9 +156,10 @@ def estimate_table(cfg: RunConfig, gpus: int, gpu_memory: float | None, shape: S
     # A preference micro-batch of B pairs runs 2B sequences (chosen and rejected) through one forward pass;
     # DPO's reference log-probs are computed before training, so no second model is held.
     sequences = cfg.train.per_device_train_batch_size * (1 if cfg.objective == "sft" else 2)
-    # bf16 on a CPU: attention of small score tensors runs as matmuls that keep the L x L weights (cpu_kernels.py)
+    # bf16 on a CPU: attention of small score tensors runs as matmuls that keep the L x L weights, and so do a
+    # packed row's examples, attended in small batches (cpu_kernels.py): at most the padded batch's scores
     matmul_attention = (not gpu and compute_bytes == 2 and cfg.model.attn_implementation == "auto"
-                        and sequences * shape.heads * cfg.data.max_length**2 <= MATMUL_MAX_SCORES)
+                        and (cfg.data.packing or sequences * shape.heads * cfg.data.max_length**2 <= MATMUL_MAX_SCORES))
     rows = []
     for method in METHODS if gpu else ("full", "lora"):  # QLoRA's 4-bit kernels need CUDA
         for strategy in STRATEGIES:

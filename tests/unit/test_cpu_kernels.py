@@ -130,6 +130,38 @@ def test_a_packed_row_is_attended_example_by_example_with_the_same_result(dtype)
     assert packed_lengths(q, mask, positions, 0.1, True, {}) == []
 
 
+@pytest.mark.parametrize("one_per_batch", [False, True])
+def test_packed_attention_gradients_and_one_mask_check_per_forward(monkeypatch, one_per_batch):
+    """Gradients through the per-example gather equal whole-row attention's, with the examples in one batch or
+    each in its own (put back in the row's order); the mask every layer receives is verified once while it
+    lives unchanged, and again after an in-place change."""
+    from instructkit.cpu_kernels import packed_lengths, segment_attention
+
+    if one_per_batch:
+        monkeypatch.setattr(cpu_kernels, "SEGMENT_BATCH_SCORES", 1)
+    lengths = [7, 5] if one_per_batch else [5, 7]  # [7, 5]: sorted by length, the examples swap places
+    q, k, v = _qkv(batch=1)
+    segment = (torch.arange(12) >= lengths[0]).long()
+    mask = (torch.ones(12, 12, dtype=torch.bool).tril() & (segment[:, None] == segment[None, :]))[None, None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    grad = torch.randn(1, 12, 6, 8, generator=torch.Generator().manual_seed(1))
+    segment_attention(q, k, v, lengths, 0.3).backward(grad)
+    ours = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask,
+                                   scale=0.3).transpose(1, 2).backward(grad)
+    assert all(torch.allclose(a, t.grad, atol=1e-5) for a, t in zip(ours, (q, k, v)))
+
+    checks = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: checks.append(1) or equal(a, b))
+    assert [packed_lengths(q, mask, positions, 0.0, True, {}) for _ in range(3)] == [lengths] * 3
+    assert len(checks) == 1
+    mask[0, 0, 11, 0] = True  # an in-place change: a leak from the first example, checked again and refused
+    assert packed_lengths(q, mask, positions, 0.0, True, {}) == [] and len(checks) == 2
+
+
 def test_a_model_that_cannot_run_sdpa_is_refused_at_load_as_with_sdpa():
     """GPT-OSS passes attention sinks, which the SDPA fallback would drop: transformers refuses it for any
     implementation named with "sdpa", so the name carries it."""
