@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from instructkit.errors import UserError, user_error
 
@@ -183,7 +183,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: Union[Annotated[int, Field(ge=1)], None] = Field(
         None, description="stop after this many evaluations without a better train.best_metric; null: never (on "
         "small eval splits early stopping ends runs on noise)")
-    save_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="when to checkpoint")
+    # YAML 1.1 reads an unquoted `no` as false (`save_strategy: no`, `train.save_strategy=no`)
+    save_strategy: Annotated[Literal["steps", "epoch", "no"], BeforeValidator(lambda v: "no" if v is False else v)] = (
+        Field("epoch", description="when to checkpoint"))
     save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints (save_strategy: steps)")
     save_total_limit: Union[int, None] = Field(2, ge=1, description="checkpoints kept; null keeps all")
     report_to: list[Literal["tensorboard"]] = Field(
@@ -200,12 +202,6 @@ class TrainConfig(_Strict):
         False, description="torch.use_deterministic_algorithms and CUBLAS_WORKSPACE_CONFIG (slower on GPU)")
     ddp_timeout: int = Field(
         1800, ge=10, description="seconds a collective (all-reduce, barrier) may wait for the other processes")
-
-    @field_validator("save_strategy", mode="before")
-    @classmethod
-    def _unquoted_no(cls, value: Any) -> Any:
-        # YAML 1.1 reads an unquoted `no` as false (`save_strategy: no`, `--set train.save_strategy=no`)
-        return "no" if value is False else value
 
 
 class DistributedConfig(_Strict):
