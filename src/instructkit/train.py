@@ -315,15 +315,12 @@ def fit(cfg: RunConfig, run: Runtime, loop: Loop, objective: torch.nn.Module, mo
     keep_best = keeps_best(cfg, run)
 
     def checkpoint(at_step: int, epoch_index: int, batch: int) -> Path | None:
-        with monitor.paused():
-            return save(at_step, epoch_index, batch)
-
-    def save(at_step: int, epoch_index: int, batch: int) -> Path | None:
         progress = TrainingProgress(step=at_step, epoch_index=epoch_index, batch_in_epoch=batch,
                                     epoch=epoch_index + batch / loop.micro_per_epoch, total_steps=loop.total_steps,
                                     seed=cfg.seed, global_batch=loop.global_batch, **tracker.progress_fields())
-        return save_checkpoint(Path(cfg.output_dir), at_step, model, loop.optimizer, loop.scheduler, progress,
-                               tc.save_total_limit, ranks)
+        with monitor.paused():
+            return save_checkpoint(Path(cfg.output_dir), at_step, model, loop.optimizer, loop.scheduler, progress,
+                                   tc.save_total_limit, ranks)
 
     def evaluate() -> None:
         with monitor.paused():
