@@ -323,7 +323,9 @@ def job_exit_code(launcher_code: int, codes: dict[int, int], ranks: list[int], s
         return stops[0]                       # reached torchrun's agent first, which then exits 1)
     parts = []
     if missing:
-        parts.append(f"rank(s) {missing} died without an exit code (killed by a signal, e.g. out of memory)")
+        why = "killed by a signal, e.g. out of memory" + ("; when one dies, torchrun kills the others that do not "
+                                                        "stop in time" if len(missing) > 1 else "")
+        parts.append(f"rank(s) {missing} died without an exit code ({why})")
     if failed:
         parts.append(", ".join(f"rank {r} exited with {c}" for r, c in sorted(failed.items())))
     print(f"error: the distributed job failed: {'; '.join(parts) or f'torchrun exited with {launcher_code}'}; "

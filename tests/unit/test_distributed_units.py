@@ -78,6 +78,8 @@ def test_job_exit_code_names_failed_ranks(capsys):
     # every rank stopped on SIGINT, which reached torchrun's agent (exit 1) before this process saw it
     assert job_exit_code(1, {0: 130, 1: 130}, range(2), []) == 130
     assert job_exit_code(1, {0: 130}, range(2), []) == 1  # rank 1 died without a code
+    assert job_exit_code(1, {}, range(2), []) == 1  # one died; torchrun killed the other, which did not stop in time
+    assert "rank(s) [0, 1] died without an exit code" in capsys.readouterr().err
 
 
 def test_launch_command_runs_this_cli_through_torchrun():
