@@ -34,6 +34,7 @@ from instructkit.sweep_params import Param, derived, trial_config, validate
 from instructkit.sweep_study import (
     AS_GIVEN,
     PRUNE_FROM_EVAL,
+    REPORTS,
     SweepPlan,
     describe,
     fail_stale,
@@ -76,6 +77,9 @@ class TrialRun:
     started: float = field(default_factory=time.time)
     offset: int = 0
     evals: dict[int, float] = field(default_factory=dict)  # step -> the metric's natural value
+    by_percent: bool = True  # Optuna is told evaluations at the percent of training done (else at the step)
+    total_steps: int | None = None  # the trial's planned optimizer steps, from its manifest
+    reported: set[int] = field(default_factory=set)  # keys Optuna was told
     pruned: bool = False
     interrupted: bool = False
     stopped_at: float | None = None
@@ -127,14 +131,25 @@ def prepare_run_dir(run_dir: Path, cfg: Any) -> None:
 
 
 def tell_best(study: Any, trial: Any, run_dir: Path, metric: str | None) -> dict | None:
-    """Tell Optuna the trial's best evaluation by `metric` (the one its final/ holds), as the study minimises
-    it; keep that evaluation's other values (its eval loss beside an accuracy). None: no evaluation had it."""
-    best = best_eval(read_metrics(run_dir), metric) if metric else None
+    """Tell Optuna the value of the trial's evaluation whose weights its final/ holds (what the sweep hands
+    back), as the study minimises it; keep that evaluation's other values (its eval loss beside an accuracy
+    breaks ties on the leaderboard). None: no evaluation had the metric."""
+    best = best_eval(read_metrics(run_dir), metric, final_step(run_dir)) if metric else None
     if best is None:
         return None
     trial.set_user_attr("best_eval", eval_fields(best))
     study.tell(trial, objective(metric, metric_value(best, metric)))
     return best
+
+
+def final_step(run_dir: Path) -> int | None:
+    """The step whose weights the run's final/ holds, from its manifest: the held best, or the last step."""
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        step = manifest["held_step"] if manifest.get("final_weights") == "best" else manifest.get("last_step")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _completed(run_dir: Path) -> bool:
@@ -200,7 +215,7 @@ def start_trial(study: Any, plan: SweepPlan, slot: int, metric: StudyMetric) -> 
                             env=child_env(plan, slot), start_new_session=True)
     shown = ", ".join(f"{k}={cell(v)}" for k, v in overrides.items()) or "the config as given"
     say(f"trial {trial.number}: {'resuming' if retry_dir else 'training'} in {run_dir} ({shown})")
-    return TrialRun(trial, run_dir, slot, proc, log, metric)
+    return TrialRun(trial, run_dir, slot, proc, log, metric, by_percent=study.user_attrs.get(REPORTS) == "percent")
 
 
 def watch(run: TrialRun, study: Any) -> bool:
@@ -225,20 +240,49 @@ def watch(run: TrialRun, study: Any) -> bool:
     return True
 
 
+def report_key(run: TrialRun, step: int) -> int | None:
+    """Where Optuna files an evaluation, and so what the pruner compares it with: the percent of its own
+    training the trial had done. Trials of 1 and 3 epochs are compared at the same point of their schedules;
+    at the same step a longer schedule still has its learning rate high and would be pruned for that (on the
+    development suite both 3-epoch trials were, at step 30). Studies begun before this file by step.
+    None while the trial's manifest (its planned steps) cannot be read yet."""
+    if not run.by_percent:
+        return step
+    if run.total_steps is None:
+        run.total_steps = planned_steps(run.run_dir)
+    return None if run.total_steps is None else round(100 * step / run.total_steps)
+
+
+def planned_steps(run_dir: Path) -> int | None:
+    """The run's planned optimizer steps (its manifest is written before the first evaluation)."""
+    try:
+        total = json.loads((run_dir / "manifest.json").read_text()).get("total_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return total if isinstance(total, int) and total > 0 else None
+
+
 def report_evals(run: TrialRun, metric: str, running: bool) -> None:
     """Report the metric of evaluations logged since the last look (as Optuna is told it: the study minimises)
     and ask the pruner, from the trial's PRUNE_FROM_EVAL-th evaluation on."""
+    if report_key(run, 0) is None:
+        return  # the records wait until the manifest says how long the trial trains
     records, run.offset = read_new(run.run_dir / "metrics.jsonl", run.offset)
     for record in records:
         value, step = metric_value(record, metric), record.get("step")
         if value is None or not isinstance(step, int) or step in run.evals:
             continue
         run.evals[step] = value
-        run.trial.report(objective(metric, value), int(step))
         say(f"trial {run.trial.number}: step {step} {metric} {value:.4f}")
+        key = report_key(run, step)
+        if key in run.reported:  # two evaluations within one percent: Optuna keeps the first
+            continue
+        run.reported.add(key)
+        run.trial.report(objective(metric, value), key)
         if (len(run.evals) >= PRUNE_FROM_EVAL and running and not run.pruned and not run.interrupted
                 and run.trial.should_prune()):
             run.pruned = True
+            run.trial.set_user_attr("pruned_at", step)
             say(f"trial {run.trial.number}: pruned at step {step} (worse than the median): stopping it")
             run.stop()
 
@@ -254,7 +298,8 @@ def finish(run: TrialRun, study: Any, code: int) -> None:
     metric = run.metric.adopt(run.run_dir) if code == 0 else run.metric.known()
     best = tell_best(study, trial, run.run_dir, metric) if code == 0 else None
     if best is not None:
-        say(f"trial {trial.number}: complete, best {metric} {metric_value(best, metric):.4f} (step {best['step']})")
+        say(f"trial {trial.number}: complete, {metric} {metric_value(best, metric):.4f} at step {best['step']}, "
+            "whose weights final/ holds")
     elif code == 0:
         fail(study, trial, f"the run logged no {metric or 'evaluation'} (data.val_size: auto holds none out of "
              "small data): set data.eval_file or a numeric data.val_size")

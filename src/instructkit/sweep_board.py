@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from instructkit.files import write_json, write_text
-from instructkit.sweep_metric import AUTO, direction, objective
+from instructkit.sweep_metric import AUTO, direction, objective, rank_key
 
 # Display order of the states: ranked results first, what never produced one last.
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
@@ -55,8 +55,9 @@ def _note(trial: Any, state: str, retried_as: dict[int, int], metric: str) -> st
         why = "interrupted" if attrs.get("interrupted") else "its sweep stopped while it ran"
         parts.append(f"{why}; retried as trial {retried_as[trial.number]}")
     elif state == "PRUNED" and trial.intermediate_values and metric != AUTO:
-        step = max(trial.intermediate_values)
-        parts.append(f"pruned at step {step} ({metric} {objective(metric, trial.intermediate_values[step]):.4f})")
+        last = max(trial.intermediate_values)  # a percent of training, or a step in studies begun before that
+        step = attrs.get("pruned_at", last)
+        parts.append(f"pruned at step {step} ({metric} {objective(metric, trial.intermediate_values[last]):.4f})")
     if attrs.get("note"):
         parts.append(attrs["note"])
     return "; ".join(parts)
@@ -79,8 +80,10 @@ def board_rows(trials: Iterable[Any], metric: str, now: datetime | None = None) 
                      "wall_s": _wall_s(t, now), "run_dir": t.user_attrs.get("run_dir"),
                      "note": _note(t, state, retried_as, metric), "log_tail": t.user_attrs.get("log_tail")})
     # Optuna's told values are minimised whatever the metric, so the lowest told value ranks first.
+    # Equal accuracies (they move in steps of one eval example) rank by the lower eval loss.
     rows.sort(key=lambda r: (STATE_ORDER.get(r["state"], 9),
-                             told[r["trial"]] if told[r["trial"]] is not None else math.inf, r["trial"]))
+                             *(rank_key(metric, r["value"], r["eval_loss"]) if r["value"] is not None
+                               else (math.inf, math.inf)), r["trial"]))
     for rank, row in enumerate((r for r in rows if r["state"] == "COMPLETE"), start=1):
         row["rank"] = rank
     return rows

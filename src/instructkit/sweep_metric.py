@@ -47,13 +47,25 @@ def metric_value(record: dict, metric: str) -> float | None:
     return float(value)
 
 
-def best_eval(records: list[dict], metric: str) -> dict | None:
-    """The evaluation record with the best value of `metric` (the earliest of equals, as the run's tracker
-    keeps), i.e. the one whose weights final/ holds; None when no record has the metric."""
+def best_eval(records: list[dict], metric: str, held_step: int | None = None) -> dict | None:
+    """The evaluation record whose weights final/ holds: the one at `held_step` (what the run's manifest says
+    final/ holds: for an accuracy the latest evaluation within noise of the best) when it was logged, else
+    the best by `metric`, ties broken as the run's tracker breaks them (an accuracy's by the lower eval loss,
+    then the earliest); None when no record has the metric."""
     scored = [r for r in records if metric_value(r, metric) is not None]
     if not scored:
         return None
-    return min(scored, key=lambda r: objective(metric, metric_value(r, metric)))
+    held = [r for r in scored if held_step is not None and r.get("step") == held_step]
+    if held:
+        return held[-1]  # a resumed run may have logged the step twice: the later is the one that went on
+    return min(scored, key=lambda r: rank_key(metric, metric_value(r, metric), r.get("eval_loss")))
+
+
+def rank_key(metric: str, value: float, eval_loss: float | None) -> tuple[float, float]:
+    """Lower is better: the objective, then for an accuracy (which moves in steps of one example) the eval
+    loss of the same evaluation."""
+    tie = 0.0 if metric == "eval_loss" else (eval_loss if isinstance(eval_loss, (int, float)) else math.inf)
+    return objective(metric, value), tie
 
 
 def eval_fields(record: dict) -> dict:

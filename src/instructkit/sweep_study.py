@@ -33,6 +33,7 @@ from instructkit.sweep_params import (
 
 STALE_AFTER_S = 600       # a RUNNING trial silent this long belongs to a sweep that died (another machine)
 PRUNE_FROM_EVAL = 2       # never prune on a trial's first evaluation: one point says little about a run
+REPORTS = "reports"       # study attribute: "percent" where evaluations are filed by progress (else by step)
 AS_GIVEN = "as_given"     # a trial's user attribute: it trains the config as given (no searched values)
 
 
@@ -138,6 +139,7 @@ def check_same_sweep(study: Any, plan: SweepPlan) -> None:
         settle_metric(study, plan.metric, plan.study_name)  # first: `space` is what marks a study as started
         study.set_user_attr("space", space)
         study.set_user_attr("base_config", plan.base)
+        study.set_user_attr(REPORTS, "percent")  # evaluations filed at the percent of training done
         if not study.trials:  # the config as given is the point to beat: it trains first, its values unchanged
             study.enqueue_trial({}, user_attrs={AS_GIVEN: True})
         return

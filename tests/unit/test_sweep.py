@@ -208,9 +208,11 @@ def _evals(metric: str, values: list[float], **more) -> list[dict]:
     return [{"step": i + 1, metric: value, **more} for i, value in enumerate(values)]
 
 
-def _watched_trial(tmp_path, records: list[dict], metric="eval_loss", told=1.0, code=None):
-    """A new trial beside two completed ones (told `told` at steps 1 and 2, as Optuna holds values: eval
-    loss, or 1 - accuracy), watched once after its run logged `records`."""
+def _watched_trial(tmp_path, records: list[dict], metric="eval_loss", told=1.0, code=None, others=None,
+                   manifest=None, by_percent=True):
+    """A new trial beside two completed ones (told `told` at 1% and 2% of their training, or `others`
+    intermediate values, as Optuna holds values: eval loss, or 1 - accuracy), watched once after its run
+    logged `records`; its manifest plans 100 steps (so step n is n%) unless `manifest` says otherwise."""
     import signal
 
     from instructkit.sweep import TrialRun, watch
@@ -219,12 +221,13 @@ def _watched_trial(tmp_path, records: list[dict], metric="eval_loss", told=1.0, 
     study = optuna.create_study(pruner=make_pruner())
     study.set_user_attr("metric", metric)
     for number in range(2):
-        study.add_trial(_frozen(number, TrialState.COMPLETE, told, evals={1: told, 2: told}))
+        study.add_trial(_frozen(number, TrialState.COMPLETE, told, evals=others or {1: told, 2: told}))
     run_dir = tmp_path / "trial-002"
     _metrics(run_dir, records)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest or {"total_steps": 100}))
     child = FakeChild(code)
     log = None if code is None else open(tmp_path / "train.log", "w")  # noqa: SIM115 - finish() closes it
-    run = TrialRun(study.ask(), run_dir, 0, child, log, StudyMetric(study, metric))
+    run = TrialRun(study.ask(), run_dir, 0, child, log, StudyMetric(study, metric), by_percent=by_percent)
     assert watch(run, study) is (code is not None)  # True once the child has exited and the trial is told
     return run, child.signals, signal.SIGINT
 
@@ -249,13 +252,45 @@ def test_an_exact_match_trial_is_pruned_on_1_minus_exact_match(tmp_path):
     assert not run.pruned and signals == []  # better than the median by exact match, whatever its loss
 
 
-def test_a_finished_trial_is_told_its_best_value_by_the_metric(tmp_path):
-    records = _evals("eval_exact_match", [0.4, 0.6, 0.6, 0.5], eval_loss=1.0)
+def test_trials_of_different_lengths_are_compared_at_the_same_percent_of_their_training(tmp_path):
+    # two complete 4-step trials evaluated at steps 2 and 4; this one plans 12 steps and is slower to start
+    records = _evals("eval_loss", [1.3, 1.1])
+    records.append({"step": 6, "eval_loss": 0.95})
+    records[1]["step"] = 4
+    records[0]["step"] = 2
+    run, signals, _ = _watched_trial(tmp_path, records, others={50: 1.0, 100: 0.8}, manifest={"total_steps": 12})
+    assert run.trial.study.trials[2].intermediate_values == {17: 1.3, 33: 1.1, 50: 0.95}
+    assert not run.pruned and signals == []  # at 50% of its training it is better than theirs at 50% (1.0)
+    # filed by step (a study begun before percents), step 4 met their last value (0.8) and it was pruned
+    run, signals, sigint = _watched_trial(tmp_path / "b", records, others={2: 1.0, 4: 0.8}, by_percent=False)
+    assert run.pruned and signals == [sigint] and run.trial.user_attrs["pruned_at"] == 4
+
+
+def test_a_trial_waits_for_its_manifest_before_its_evaluations_are_filed(tmp_path):
+    run, _, _ = _watched_trial(tmp_path, _evals("eval_loss", [3.0, 2.5]), manifest={"status": "running"})
+    assert run.evals == {} and run.offset == 0  # read again once the manifest says how long it trains
+    (run.run_dir / "manifest.json").write_text(json.dumps({"total_steps": 4}))
+    from instructkit.sweep import watch
+
+    watch(run, run.trial.study)
+    assert run.evals == {1: 3.0, 2: 2.5} and run.trial.study.trials[2].intermediate_values == {25: 3.0, 50: 2.5}
+
+
+def test_a_finished_trial_is_told_the_value_its_final_weights_had(tmp_path):
+    records = _evals("eval_exact_match", [0.4, 0.6, 0.6, 0.56], eval_loss=1.0)
     records[1]["eval_loss"] = 2.0  # the loss rises while more answers come out right
-    run, _, _ = _watched_trial(tmp_path, records, "eval_exact_match", told=0.5, code=0)
+    held = {"total_steps": 100, "final_weights": "best", "held_step": 4, "last_step": 4}
+    run, _, _ = _watched_trial(tmp_path / "held", records, "eval_exact_match", told=0.5, code=0, manifest=held)
+    trial = run.trial.study.trials[2]
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.44)  # 1 - what final/ holds
+    assert trial.user_attrs["best_eval"] == {"step": 4, "eval_exact_match": 0.56, "eval_loss": 1.0}
+    last = {"total_steps": 100, "final_weights": "last", "held_step": 3, "last_step": 1}
+    run, _, _ = _watched_trial(tmp_path / "last", records, "eval_exact_match", told=0.5, code=0, manifest=last)
+    assert run.trial.study.trials[2].user_attrs["best_eval"]["step"] == 1  # final/ holds the last weights
+    run, _, _ = _watched_trial(tmp_path, records, "eval_exact_match", told=0.5, code=0)  # no held step written
     trial = run.trial.study.trials[2]
     assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.4)  # 1 - the best, 0.6
-    assert trial.user_attrs["best_eval"] == {"step": 2, "eval_exact_match": 0.6, "eval_loss": 2.0}  # earliest best
+    assert trial.user_attrs["best_eval"] == {"step": 3, "eval_exact_match": 0.6, "eval_loss": 1.0}  # lower loss
     run, _, _ = _watched_trial(tmp_path / "b", _evals("eval_loss", [2.0, 1.5, 1.7]), code=0)
     assert run.trial.study.trials[2].value == 1.5
     run, _, _ = _watched_trial(tmp_path / "c", _evals("eval_loss", [2.0]), "eval_accuracy", code=0)
@@ -282,6 +317,8 @@ def test_an_exact_match_leaderboard_ranks_the_higher_exact_match_first(tmp_path)
               _frozen(3, TrialState.PRUNED, None, evals={2: 0.9, 4: 0.8}, run_dir="sw/trial-003")]
     rows = board_rows(trials, "eval_exact_match")
     assert [(r["rank"], r["trial"]) for r in rows] == [(1, 1), (2, 2), (3, 0), (None, 3)]
+    tied = board_rows([*trials, _em_trial(4, 0.52, 1.05)], "eval_exact_match")
+    assert [r["trial"] for r in tied][:2] == [4, 1]  # equal exact match: the lower eval loss ranks first
     by = {r["trial"]: r for r in rows}
     assert (by[1]["metric"], by[1]["value"], by[1]["eval_loss"]) == ("eval_exact_match", pytest.approx(0.52), 1.10)
     assert by[3]["value"] == pytest.approx(0.2) and by[3]["eval_loss"] is None
@@ -348,6 +385,7 @@ def test_a_trial_waits_for_its_child_to_resolve_an_auto_metric(tmp_path):
     run_dir = tmp_path / "trial-000"
     _metrics(run_dir, _evals("eval_exact_match", [0.3], eval_loss=1.0))
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "auto"}}))
+    (run_dir / "manifest.json").write_text(json.dumps({"total_steps": 100}))
     run = TrialRun(study.ask(), run_dir, 0, FakeChild(), None, StudyMetric(study, "auto"))
     assert watch(run, study) is False and run.evals == {}  # nothing is reported by an unknown metric
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "eval_exact_match"}}))
