@@ -49,6 +49,7 @@ from instructkit.sweep_study import (
 POLL_S = 0.5              # how often running trials are looked at
 HEARTBEAT_S = 60          # how often a running trial says it is alive in the study
 STOP_GRACE_S = 600        # a stopped child that has not exited after this long is killed
+PROGRESS_GRID = 5         # percent: evaluations are filed at the nearest multiple of it of the trial's training
 BOARD_ROWS_SHOWN = 10     # rows printed after each trial (the files hold all of them)
 
 
@@ -134,7 +135,7 @@ def tell_best(study: Any, trial: Any, run_dir: Path, metric: str | None) -> dict
     """Tell Optuna the value of the trial's evaluation whose weights its final/ holds (what the sweep hands
     back), as the study minimises it; keep that evaluation's other values (its eval loss beside an accuracy
     breaks ties on the leaderboard). None: no evaluation had the metric."""
-    best = best_eval(read_metrics(run_dir), metric, final_step(run_dir)) if metric else None
+    best = best_eval(read_metrics(run_dir), metric, read_manifest(run_dir)) if metric else None
     if best is None:
         return None
     trial.set_user_attr("best_eval", eval_fields(best))
@@ -142,14 +143,12 @@ def tell_best(study: Any, trial: Any, run_dir: Path, metric: str | None) -> dict
     return best
 
 
-def final_step(run_dir: Path) -> int | None:
-    """The step whose weights the run's final/ holds, from its manifest: the held best, or the last step."""
+def read_manifest(run_dir: Path) -> dict | None:
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        step = manifest["held_step"] if manifest.get("final_weights") == "best" else manifest.get("last_step")
-    except (OSError, ValueError, KeyError, AttributeError):
+    except (OSError, ValueError):
         return None
-    return step if isinstance(step, int) else None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _completed(run_dir: Path) -> bool:
@@ -242,31 +241,39 @@ def watch(run: TrialRun, study: Any) -> bool:
 
 def report_key(run: TrialRun, step: int) -> int | None:
     """Where Optuna files an evaluation, and so what the pruner compares it with: the percent of its own
-    training the trial had done. Trials of 1 and 3 epochs are compared at the same point of their schedules;
-    at the same step a longer schedule still has its learning rate high and would be pruned for that (on the
-    development suite both 3-epoch trials were, at step 30). Studies begun before this file by step.
-    None while the trial's manifest (its planned steps) cannot be read yet."""
+    training the trial had done, to the nearest PROGRESS_GRID percent (the pruner compares only equal keys, and
+    trials whose steps per epoch differ evaluate at slightly different percents). Trials of 1 and 3 epochs are
+    compared at the same point of their schedules; at the same step a longer schedule still has its learning
+    rate high and would be pruned for that (on the development suite both 3-epoch trials were, at step 30).
+    Studies begun before this rule file by step. None while this trial's own manifest (its planned steps) is
+    not written yet."""
     if not run.by_percent:
         return step
     if run.total_steps is None:
-        run.total_steps = planned_steps(run.run_dir)
-    return None if run.total_steps is None else round(100 * step / run.total_steps)
-
-
-def planned_steps(run_dir: Path) -> int | None:
-    """The run's planned optimizer steps (its manifest is written before the first evaluation)."""
-    try:
-        total = json.loads((run_dir / "manifest.json").read_text()).get("total_steps")
-    except (OSError, ValueError, AttributeError):
+        run.total_steps = planned_steps(run.run_dir, run.started)
+    if run.total_steps is None:
         return None
+    return PROGRESS_GRID * round(100 * step / run.total_steps / PROGRESS_GRID)
+
+
+def planned_steps(run_dir: Path, since: float) -> int | None:
+    """The run's planned optimizer steps, from a manifest written since `since` (the child writes it before
+    its first evaluation; one left by an earlier run in the directory is not this trial's)."""
+    try:
+        if (run_dir / "manifest.json").stat().st_mtime < since - 1.0:  # file times lag the clock by up to a tick
+            return None
+    except OSError:
+        return None
+    total = (read_manifest(run_dir) or {}).get("total_steps")
     return total if isinstance(total, int) and total > 0 else None
 
 
 def report_evals(run: TrialRun, metric: str, running: bool) -> None:
     """Report the metric of evaluations logged since the last look (as Optuna is told it: the study minimises)
-    and ask the pruner, from the trial's PRUNE_FROM_EVAL-th evaluation on."""
-    if report_key(run, 0) is None:
-        return  # the records wait until the manifest says how long the trial trains
+    and ask the pruner, from the trial's PRUNE_FROM_EVAL-th evaluation on. Nothing after a prune: the pruned
+    value stays the trial's last."""
+    if run.pruned or report_key(run, 0) is None:
+        return  # until the trial's manifest says how long it trains, its records (maybe an old run's) wait
     records, run.offset = read_new(run.run_dir / "metrics.jsonl", run.offset)
     for record in records:
         value, step = metric_value(record, metric), record.get("step")
@@ -275,16 +282,17 @@ def report_evals(run: TrialRun, metric: str, running: bool) -> None:
         run.evals[step] = value
         say(f"trial {run.trial.number}: step {step} {metric} {value:.4f}")
         key = report_key(run, step)
-        if key in run.reported:  # two evaluations within one percent: Optuna keeps the first
+        if key in run.reported:  # a second evaluation at the same point of training: Optuna keeps the first
             continue
         run.reported.add(key)
         run.trial.report(objective(metric, value), key)
-        if (len(run.evals) >= PRUNE_FROM_EVAL and running and not run.pruned and not run.interrupted
+        if (len(run.evals) >= PRUNE_FROM_EVAL and running and not run.interrupted
                 and run.trial.should_prune()):
             run.pruned = True
             run.trial.set_user_attr("pruned_at", step)
             say(f"trial {run.trial.number}: pruned at step {step} (worse than the median): stopping it")
             run.stop()
+            return
 
 
 def finish(run: TrialRun, study: Any, code: int) -> None:
@@ -298,8 +306,7 @@ def finish(run: TrialRun, study: Any, code: int) -> None:
     metric = run.metric.adopt(run.run_dir) if code == 0 else run.metric.known()
     best = tell_best(study, trial, run.run_dir, metric) if code == 0 else None
     if best is not None:
-        say(f"trial {trial.number}: complete, {metric} {metric_value(best, metric):.4f} at step {best['step']}, "
-            "whose weights final/ holds")
+        say(f"trial {trial.number}: complete, {metric} {metric_value(best, metric):.4f} (step {best['step']})")
     elif code == 0:
         fail(study, trial, f"the run logged no {metric or 'evaluation'} (data.val_size: auto holds none out of "
              "small data): set data.eval_file or a numeric data.val_size")

@@ -47,24 +47,30 @@ def metric_value(record: dict, metric: str) -> float | None:
     return float(value)
 
 
-def best_eval(records: list[dict], metric: str, held_step: int | None = None) -> dict | None:
-    """The evaluation record whose weights final/ holds: the one at `held_step` (what the run's manifest says
-    final/ holds: for an accuracy the latest evaluation within noise of the best) when it was logged, else
-    the best by `metric`, ties broken as the run's tracker breaks them (an accuracy's by the lower eval loss,
-    then the earliest); None when no record has the metric."""
-    scored = [r for r in records if metric_value(r, metric) is not None]
+def best_eval(records: list[dict], metric: str, manifest: dict | None = None) -> dict | None:
+    """The evaluation record of the weights final/ holds, as the run's manifest says: with final_weights
+    best, its held step (for an accuracy the latest evaluation within noise of the best); with last, the
+    latest evaluation up to its last step. Without a manifest that says, the best by `metric`, ties broken as
+    the run's tracker breaks them (an accuracy's by the lower eval loss, then the earliest). None when no
+    record has the metric."""
+    scored = [r for r in records if metric_value(r, metric) is not None and isinstance(r.get("step"), int)]
     if not scored:
         return None
-    held = [r for r in scored if held_step is not None and r.get("step") == held_step]
-    if held:
-        return held[-1]  # a resumed run may have logged the step twice: the later is the one that went on
+    manifest = manifest or {}
+    if manifest.get("final_weights") == "best" and isinstance(held := manifest.get("held_step"), int):
+        if found := [r for r in scored if r["step"] == held]:
+            return found[-1]
+    if manifest.get("final_weights") == "last" and isinstance(last := manifest.get("last_step"), int):
+        if found := [r for r in scored if r["step"] <= last]:
+            return max(found, key=lambda r: r["step"])
     return min(scored, key=lambda r: rank_key(metric, metric_value(r, metric), r.get("eval_loss")))
 
 
 def rank_key(metric: str, value: float, eval_loss: float | None) -> tuple[float, float]:
     """Lower is better: the objective, then for an accuracy (which moves in steps of one example) the eval
-    loss of the same evaluation."""
-    tie = 0.0 if metric == "eval_loss" else (eval_loss if isinstance(eval_loss, (int, float)) else math.inf)
+    loss of the same evaluation (a missing or non-finite loss last)."""
+    finite = isinstance(eval_loss, (int, float)) and math.isfinite(eval_loss)
+    tie = 0.0 if metric == "eval_loss" else (eval_loss if finite else math.inf)
     return objective(metric, value), tie
 
 

@@ -136,10 +136,11 @@ def check_same_sweep(study: Any, plan: SweepPlan) -> None:
     leaderboard would mix trials that cannot be compared. A new study stores all three."""
     space = {p.key: p.describe() for p in plan.space}
     if "space" not in study.user_attrs:
-        settle_metric(study, plan.metric, plan.study_name)  # first: `space` is what marks a study as started
+        # before `space`, which marks a study as started (another worker may look at any moment)
+        study.set_user_attr(REPORTS, "percent")  # evaluations filed at the percent of training done
+        settle_metric(study, plan.metric, plan.study_name)
         study.set_user_attr("space", space)
         study.set_user_attr("base_config", plan.base)
-        study.set_user_attr(REPORTS, "percent")  # evaluations filed at the percent of training done
         if not study.trials:  # the config as given is the point to beat: it trains first, its values unchanged
             study.enqueue_trial({}, user_attrs={AS_GIVEN: True})
         return

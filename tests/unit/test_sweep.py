@@ -210,9 +210,9 @@ def _evals(metric: str, values: list[float], **more) -> list[dict]:
 
 def _watched_trial(tmp_path, records: list[dict], metric="eval_loss", told=1.0, code=None, others=None,
                    manifest=None, by_percent=True):
-    """A new trial beside two completed ones (told `told` at 1% and 2% of their training, or `others`
+    """A new trial beside two completed ones (told `told` at 5% and 10% of their training, or `others`
     intermediate values, as Optuna holds values: eval loss, or 1 - accuracy), watched once after its run
-    logged `records`; its manifest plans 100 steps (so step n is n%) unless `manifest` says otherwise."""
+    logged `records`; its manifest plans 20 steps (so step n is 5n%) unless `manifest` says otherwise."""
     import signal
 
     from instructkit.sweep import TrialRun, watch
@@ -221,13 +221,13 @@ def _watched_trial(tmp_path, records: list[dict], metric="eval_loss", told=1.0, 
     study = optuna.create_study(pruner=make_pruner())
     study.set_user_attr("metric", metric)
     for number in range(2):
-        study.add_trial(_frozen(number, TrialState.COMPLETE, told, evals=others or {1: told, 2: told}))
+        study.add_trial(_frozen(number, TrialState.COMPLETE, told, evals=others or {5: told, 10: told}))
     run_dir = tmp_path / "trial-002"
     _metrics(run_dir, records)
-    (run_dir / "manifest.json").write_text(json.dumps(manifest or {"total_steps": 100}))
     child = FakeChild(code)
     log = None if code is None else open(tmp_path / "train.log", "w")  # noqa: SIM115 - finish() closes it
     run = TrialRun(study.ask(), run_dir, 0, child, log, StudyMetric(study, metric), by_percent=by_percent)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest or {"total_steps": 20}))  # the child's, after start
     assert watch(run, study) is (code is not None)  # True once the child has exited and the trial is told
     return run, child.signals, signal.SIGINT
 
@@ -246,7 +246,7 @@ def test_an_exact_match_trial_is_pruned_on_1_minus_exact_match(tmp_path):
     run, signals, sigint = _watched_trial(tmp_path, _evals("eval_exact_match", [0.1, 0.2], eval_loss=0.01),
                                           "eval_exact_match", told=0.5)
     assert run.evals == {1: 0.1, 2: 0.2} and run.pruned and signals == [sigint]
-    assert run.trial.study.trials[2].intermediate_values == pytest.approx({1: 0.9, 2: 0.8})  # 1 - exact match
+    assert run.trial.study.trials[2].intermediate_values == pytest.approx({5: 0.9, 10: 0.8})  # 1 - exact match
     run, signals, _ = _watched_trial(tmp_path / "b", _evals("eval_exact_match", [0.6, 0.7], eval_loss=9.0),
                                      "eval_exact_match", told=0.5)
     assert not run.pruned and signals == []  # better than the median by exact match, whatever its loss
@@ -259,11 +259,33 @@ def test_trials_of_different_lengths_are_compared_at_the_same_percent_of_their_t
     records[1]["step"] = 4
     records[0]["step"] = 2
     run, signals, _ = _watched_trial(tmp_path, records, others={50: 1.0, 100: 0.8}, manifest={"total_steps": 12})
-    assert run.trial.study.trials[2].intermediate_values == {17: 1.3, 33: 1.1, 50: 0.95}
+    assert run.trial.study.trials[2].intermediate_values == {15: 1.3, 35: 1.1, 50: 0.95}  # nearest 5%
     assert not run.pruned and signals == []  # at 50% of its training it is better than theirs at 50% (1.0)
-    # filed by step (a study begun before percents), step 4 met their last value (0.8) and it was pruned
+    # the same trials filed by step (a study begun before percents): at step 4 (a third of its training) it
+    # met their last value (0.8) and was pruned
     run, signals, sigint = _watched_trial(tmp_path / "b", records, others={2: 1.0, 4: 0.8}, by_percent=False)
     assert run.pruned and signals == [sigint] and run.trial.user_attrs["pruned_at"] == 4
+    assert run.trial.study.trials[2].intermediate_values == {2: 1.3, 4: 1.1}  # nothing filed after the prune
+
+
+def test_an_old_runs_manifest_in_the_trial_directory_is_not_read_as_the_trials(tmp_path):
+    import os
+
+    run, _, _ = _watched_trial(tmp_path, _evals("eval_loss", [9.0, 9.0]), manifest={"total_steps": 40})
+    assert run.total_steps == 40
+    old = run.run_dir / "manifest.json"
+    os.utime(old, (run.started - 60, run.started - 60))  # as if left by an earlier study's trial
+    run.total_steps, run.evals, run.offset = None, {}, 0
+    from instructkit.sweep import watch
+
+    watch(run, run.trial.study)
+    assert run.total_steps is None and run.evals == {}  # its records wait for the child's own manifest
+
+
+def test_a_pruned_trial_is_noted_with_its_step_and_the_value_it_was_pruned_on():
+    pruned = _frozen(3, TrialState.PRUNED, None, evals={25: 0.5, 50: 0.4}, run_dir="sw/trial-003", pruned_at=60)
+    row = board_rows([pruned], "eval_exact_match")[0]
+    assert row["note"] == "pruned at step 60 (eval_exact_match 0.6000)"
 
 
 def test_a_trial_waits_for_its_manifest_before_its_evaluations_are_filed(tmp_path):
@@ -287,6 +309,9 @@ def test_a_finished_trial_is_told_the_value_its_final_weights_had(tmp_path):
     last = {"total_steps": 100, "final_weights": "last", "held_step": 3, "last_step": 1}
     run, _, _ = _watched_trial(tmp_path / "last", records, "eval_exact_match", told=0.5, code=0, manifest=last)
     assert run.trial.study.trials[2].user_attrs["best_eval"]["step"] == 1  # final/ holds the last weights
+    unlogged = {**last, "last_step": 5}  # stopped after an evaluation-less step: the latest before it
+    run, _, _ = _watched_trial(tmp_path / "unlogged", records, "eval_exact_match", code=0, manifest=unlogged)
+    assert run.trial.study.trials[2].user_attrs["best_eval"]["step"] == 4
     run, _, _ = _watched_trial(tmp_path, records, "eval_exact_match", told=0.5, code=0)  # no held step written
     trial = run.trial.study.trials[2]
     assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.4)  # 1 - the best, 0.6
@@ -319,6 +344,8 @@ def test_an_exact_match_leaderboard_ranks_the_higher_exact_match_first(tmp_path)
     assert [(r["rank"], r["trial"]) for r in rows] == [(1, 1), (2, 2), (3, 0), (None, 3)]
     tied = board_rows([*trials, _em_trial(4, 0.52, 1.05)], "eval_exact_match")
     assert [r["trial"] for r in tied][:2] == [4, 1]  # equal exact match: the lower eval loss ranks first
+    nan = [_em_trial(5, 0.52, float("nan")), *trials, _em_trial(4, 0.52, 1.05)]
+    assert [r["trial"] for r in board_rows(nan, "eval_exact_match")][:3] == [4, 1, 5]  # a NaN loss ranks last
     by = {r["trial"]: r for r in rows}
     assert (by[1]["metric"], by[1]["value"], by[1]["eval_loss"]) == ("eval_exact_match", pytest.approx(0.52), 1.10)
     assert by[3]["value"] == pytest.approx(0.2) and by[3]["eval_loss"] is None
@@ -385,13 +412,13 @@ def test_a_trial_waits_for_its_child_to_resolve_an_auto_metric(tmp_path):
     run_dir = tmp_path / "trial-000"
     _metrics(run_dir, _evals("eval_exact_match", [0.3], eval_loss=1.0))
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "auto"}}))
-    (run_dir / "manifest.json").write_text(json.dumps({"total_steps": 100}))
     run = TrialRun(study.ask(), run_dir, 0, FakeChild(), None, StudyMetric(study, "auto"))
+    (run_dir / "manifest.json").write_text(json.dumps({"total_steps": 20}))
     assert watch(run, study) is False and run.evals == {}  # nothing is reported by an unknown metric
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"best_metric": "eval_exact_match"}}))
     assert watch(run, study) is False and run.evals == {1: 0.3}
     assert study.user_attrs["metric"] == "eval_exact_match"
-    assert study.trials[0].intermediate_values == pytest.approx({1: 0.7})
+    assert study.trials[0].intermediate_values == pytest.approx({5: 0.7})  # step 1 of 20: 5%
 
 
 def test_a_new_study_first_trains_the_config_as_given_and_a_retry_keeps_it_so(tmp_path):
