@@ -295,11 +295,17 @@ def setup_loop(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: 
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
     scheduler = get_scheduler(tc.lr_scheduler_type, optimizer, num_training_steps=total_steps,
                               num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps))
-    peak = matmul_peak_tflops(DTYPES[run.plan.compute_precision], str(acc.device),
-                              size=4096 if acc.device.type == "cuda" else 1024)
+    peak = measure_peak(run)
     global_batch = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * acc.num_processes
     return Loop(loss_fn, optimizer, scheduler, sampler, train_loader, eval_loader, micro_per_epoch, steps_per_epoch,
                 total_steps, global_batch, peak)
+
+
+def measure_peak(run: Runtime) -> float:
+    """This device's matmul TFLOP/s in the compute precision, measured now (MFU's denominator)."""
+    device = run.accelerator.device
+    return matmul_peak_tflops(DTYPES[run.plan.compute_precision], str(device),
+                              size=4096 if device.type == "cuda" else 1024)
 
 
 def setup_optimizer(cfg: RunConfig, run: Runtime, objective: torch.nn.Module,

@@ -36,6 +36,7 @@ from instructkit.prepare import (
     describe_model,
     flops_counter,
     manifest_of,
+    measure_peak,
     resume,
     setup_data,
     setup_loop,
@@ -247,7 +248,7 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
         log = MetricsLog(plan_dir.path, "tensorboard" in cfg.train.report_to, resume_step=step if step else None)
     monitor = TrainingMonitor(log, loop.total_steps, step, cfg.train.logging_steps, flops_counter(model, cfg.method),
                               loop.peak_tflops, run.accelerator.num_processes, run.accelerator.device,
-                              getattr(objective, "stats_summary", None))
+                              getattr(objective, "stats_summary", None), remeasure=lambda: measure_peak(run))
     tracker = Tracker.resumed(cfg.train.best_metric, cfg.train.early_stopping_patience, progress)
     status = "failed"
     try:

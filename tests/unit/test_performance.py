@@ -72,3 +72,30 @@ def test_evaluation_time_is_left_out_of_the_training_window(monkeypatch):
     record = monitor._record(5, 0.5, {"grad_norm": None}, 1e-3)
     assert record["elapsed_s"] == pytest.approx(4.0) and record["tokens_per_s"] == pytest.approx(100.0)
     assert record["mfu"] == pytest.approx(1.0)
+
+
+def test_a_window_faster_than_the_peak_measures_the_peak_again(monkeypatch, tmp_path):
+    """A peak measured while another process had the cores reads low and MFU above 100%: the first window
+    that outruns it measures it again, keeps the higher value, and names it in its record."""
+    import time
+
+    from instructkit.metrics import MetricsLog, TrainingMonitor, Window
+
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    again = iter([0.8, 0.5])
+    monitor = TrainingMonitor(MetricsLog(tmp_path, False), 10, 0, 5, lambda w: 1e12 * w.tokens / 100, 0.25, 1,
+                              "cpu", remeasure=lambda: next(again))
+
+    def window(tokens: int) -> dict:
+        monitor.window = Window(start=clock[0])
+        clock[0] += 1.0
+        monitor.window.add({"loss_parts": [1.0], "units": [1], "supervised": 1, "tokens": tokens, "sequences": 4})
+        return monitor._record(5, 0.5, {"grad_norm": None}, 1e-3)
+
+    first = window(40)  # 0.4 TFLOP/s against a peak of 0.25
+    assert first["matmul_peak_tflops"] == 0.8 and first["mfu"] == pytest.approx(0.5)
+    assert window(60)["mfu"] == pytest.approx(0.75)  # under the new peak: not measured again
+    third = window(90)  # 0.9 > 0.8: measured again, lower (0.5), so the higher stays
+    assert third["matmul_peak_tflops"] == 0.8 and third["mfu"] == pytest.approx(0.9 / 0.8)
+    monitor.close()
