@@ -99,11 +99,13 @@ def shown_url(url: str) -> str:
 
 def make_pruner() -> Any:
     """The median rule: stop a trial whose best reported value (eval loss, or 1 - accuracy: lower is better
-    either way) is worse than the median of complete trials at the same step, once two trials have
-    completed (a function, so tests can force a prune)."""
+    either way) is worse than the median of the complete trials at the same point of training, where at
+    least two of them were evaluated there (the median of one trial is that trial's value, and on a small
+    split one value is noise: a 3-epoch trial was pruned against a single 2-epoch value at 60%; a function,
+    so tests can force a prune)."""
     import optuna
 
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, n_min_trials=2)
 
 
 def open_study(plan: SweepPlan) -> Any:

@@ -221,7 +221,7 @@ def _watched_trial(tmp_path, records: list[dict], metric="eval_loss", told=1.0, 
     study = optuna.create_study(pruner=make_pruner())
     study.set_user_attr("metric", metric)
     for number in range(2):
-        study.add_trial(_frozen(number, TrialState.COMPLETE, told, evals=others or {5: told, 10: told}))
+        study.add_trial(_frozen(number, TrialState.COMPLETE, told, evals=(others[number] if isinstance(others, list) else others) or {5: told, 10: told}))
     run_dir = tmp_path / "trial-002"
     _metrics(run_dir, records)
     child = FakeChild(code)
@@ -266,6 +266,14 @@ def test_trials_of_different_lengths_are_compared_at_the_same_percent_of_their_t
     run, signals, sigint = _watched_trial(tmp_path / "b", records, others={2: 1.0, 4: 0.8}, by_percent=False)
     assert run.pruned and signals == [sigint] and run.trial.user_attrs["pruned_at"] == 4
     assert run.trial.study.trials[2].intermediate_values == {2: 1.3, 4: 1.1}  # nothing filed after the prune
+
+
+def test_a_trial_is_pruned_only_against_at_least_two_trials_evaluated_at_the_same_point(tmp_path):
+    worse = _evals("eval_loss", [3.0, 2.5])  # 5% and 10% of its 20 steps
+    run, signals, _ = _watched_trial(tmp_path, worse, others=[{5: 1.0, 10: 1.0}, {5: 1.0, 25: 1.0}])
+    assert not run.pruned and signals == []  # at 10% only one trial was evaluated: its value alone says little
+    run, signals, sigint = _watched_trial(tmp_path / "b", worse, others=[{5: 1.0, 10: 1.0}, {10: 1.0}])
+    assert run.pruned and signals == [sigint]
 
 
 def test_an_old_runs_manifest_in_the_trial_directory_is_not_read_as_the_trials(tmp_path):
