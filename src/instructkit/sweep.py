@@ -152,10 +152,7 @@ def read_manifest(run_dir: Path) -> dict | None:
 
 
 def _completed(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "manifest.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
+    return (read_manifest(run_dir) or {}).get("status") == "completed"
 
 
 def child_env(plan: SweepPlan, slot: int) -> dict[str, str]:
