@@ -14,7 +14,8 @@ unicodedata; 504 training rows, 200 held-out prompts), SmolLM2-135M-Instruct, in
 
 Every model is scored by the same code (`instructkit eval`: greedy decoding, exact match after
 normalising case, whitespace and trailing punctuation). Training time is the wall time of the training
-process, model loading included. Writes bench/results-quality.{json,md}.
+process, model loading included. Prints the table and, where both sides ran, issue 14's targets as met
+or NOT met; writes bench/results-quality.{json,md}.
 """
 
 from __future__ import annotations
@@ -117,6 +118,22 @@ def table(rows: dict, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: dict) -> list[str]:
+    """Issue 14's targets, where the rows hold both sides: the three-line config at least 10 exact-match
+    points above TRL in no more wall time; the sweep above the three-line config within 4x its time."""
+    out = []
+    for name, other, wanted, above, ratio in (("instructkit", "trl", ">= 10", lambda g: g >= 10, 1.0),
+                                              ("sweep", "instructkit", "> 0", lambda g: g > 0, 4.0)):
+        a, b = rows.get(name), rows.get(other)
+        if not (a and b and a.get("seconds") and b.get("seconds")):
+            continue
+        gain, times = 100 * (a["exact_match"] - b["exact_match"]), a["seconds"] / b["seconds"]
+        met = above(round(gain, 6)) and times <= ratio
+        out.append(f"- {name} against {other}: {gain:+.1f} points (target {wanted}), {times:.2f}x the time "
+                   f"(target <= {ratio:g}x): {'met' if met else 'NOT met'}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["trl", "instructkit", "sweep"],
@@ -157,7 +174,7 @@ def main() -> None:
         extra[variant] = {k: v for k, v in out.items() if k != "results"}
         print(f"{variant}: exact match {100 * rows[variant]['exact_match']:.1f}% in {out['seconds']:.0f} s", flush=True)
     tasks = sorted(next(iter(rows.values()))["per_task"])
-    md = table(rows, tasks)
+    md = "\n".join([table(rows, tasks), "", *targets(rows)])
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "extra": extra}, indent=1))
     args.out.with_suffix(".md").write_text(f"`{command}`\n\n{md}\n")

@@ -39,3 +39,16 @@ def test_quality_suite_is_deterministic_and_keeps_entities_apart(tmp_path):
     for task in TASKS:  # no held-out prompt was trained on
         seen = {(r["instruction"], r["input"]) for r in rows["train"] if r["task"] == task}
         assert not [r for r in rows["test"] if r["task"] == task and (r["instruction"], r["input"]) in seen]
+
+
+def test_quality_benchmark_checks_the_issue_targets_it_has_both_sides_of():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quality import targets
+
+    rows = {"trl": {"exact_match": 0.20, "seconds": 242}, "instructkit": {"exact_match": 0.355, "seconds": 145},
+            "sweep": {"exact_match": 0.385, "seconds": 472}}
+    assert [line.rsplit(": ", 1)[1] for line in targets(rows)] == ["met", "met"]
+    tie = {**rows, "sweep": {"exact_match": 0.355, "seconds": 472}}  # a tie does not beat the default
+    slow = {**rows, "instructkit": {"exact_match": 0.355, "seconds": 250}}  # slower than TRL
+    assert targets(tie)[1].endswith("NOT met") and targets(slow)[0].endswith("NOT met")
+    assert targets({"instructkit": rows["instructkit"], "sweep": rows["sweep"]}) == [targets(rows)[1]]
