@@ -301,11 +301,16 @@ def setup_loop(cfg: RunConfig, run: Runtime, objective: torch.nn.Module, model: 
                 total_steps, global_batch, peak)
 
 
-def measure_peak(run: Runtime) -> float:
-    """This device's matmul TFLOP/s in the compute precision, measured now (MFU's denominator)."""
+def measure_peak(run: Runtime, keep_rng: bool = False) -> float:
+    """This device's matmul TFLOP/s in the compute precision, measured now (MFU's denominator). keep_rng:
+    the random matrices come from a forked generator, so a measurement in the middle of training leaves the
+    draws of dropout as they were (runs stay reproducible whether or not it happened)."""
+    import torch
+
     device = run.accelerator.device
-    return matmul_peak_tflops(DTYPES[run.plan.compute_precision], str(device),
-                              size=4096 if device.type == "cuda" else 1024)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=keep_rng):
+        return matmul_peak_tflops(DTYPES[run.plan.compute_precision], str(device),
+                                  size=4096 if device.type == "cuda" else 1024)
 
 
 def setup_optimizer(cfg: RunConfig, run: Runtime, objective: torch.nn.Module,

@@ -248,7 +248,8 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
         log = MetricsLog(plan_dir.path, "tensorboard" in cfg.train.report_to, resume_step=step if step else None)
     monitor = TrainingMonitor(log, loop.total_steps, step, cfg.train.logging_steps, flops_counter(model, cfg.method),
                               loop.peak_tflops, run.accelerator.num_processes, run.accelerator.device,
-                              getattr(objective, "stats_summary", None), remeasure=lambda: measure_peak(run))
+                              getattr(objective, "stats_summary", None),
+                              remeasure=lambda: measure_peak(run, keep_rng=True))
     tracker = Tracker.resumed(cfg.train.best_metric, cfg.train.early_stopping_patience, progress)
     status = "failed"
     try:
@@ -273,7 +274,7 @@ def _train(cfg: RunConfig, plan_dir: RunDirPlan) -> Path:
     finally:
         monitor.close()
         if run.main:
-            manifest.update(status=status, end_time=now())
+            manifest.update(status=status, end_time=now(), matmul_peak_tflops=monitor.peak)
             write_json(plan_dir.path / "manifest.json", manifest)
     return plan_dir.path
 

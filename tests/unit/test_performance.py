@@ -76,26 +76,78 @@ def test_evaluation_time_is_left_out_of_the_training_window(monkeypatch):
 
 def test_a_window_faster_than_the_peak_measures_the_peak_again(monkeypatch, tmp_path):
     """A peak measured while another process had the cores reads low and MFU above 100%: the first window
-    that outruns it measures it again, keeps the higher value, and names it in its record."""
+    that outruns it measures it again (in no window's time), keeps the higher value, and names it in its
+    record; a run whose FLOP count outruns every peak stops measuring after three tries."""
     import time
 
-    from instructkit.metrics import MetricsLog, TrainingMonitor, Window
+    from instructkit import metrics
+    from instructkit.metrics import MetricsLog, TrainingMonitor, Window, read_metrics
 
     clock = [100.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-    again = iter([0.8, 0.5])
-    monitor = TrainingMonitor(MetricsLog(tmp_path, False), 10, 0, 5, lambda w: 1e12 * w.tokens / 100, 0.25, 1,
-                              "cpu", remeasure=lambda: next(again))
+    monkeypatch.setattr(metrics, "Window", lambda: Window(start=clock[0]))  # its default bound the real clock
+    readings = iter([0.8, 0.5, 0.6, 0.7])
 
-    def window(tokens: int) -> dict:
-        monitor.window = Window(start=clock[0])
+    def remeasure() -> float:
+        clock[0] += 5.0  # measuring takes time that no window may count
+        return next(readings)
+
+    monitor = TrainingMonitor(MetricsLog(tmp_path, False), 10, 0, 1, lambda w: 1e12 * w.tokens / 100, 0.25, 1,
+                              "cpu", remeasure=remeasure)
+    for step, tokens in enumerate([40, 60, 90, 95, 99, 98], start=1):  # 1 s per step: tokens / 100 TFLOP/s
         clock[0] += 1.0
-        monitor.window.add({"loss_parts": [1.0], "units": [1], "supervised": 1, "tokens": tokens, "sequences": 4})
-        return monitor._record(5, 0.5, {"grad_norm": None}, 1e-3)
-
-    first = window(40)  # 0.4 TFLOP/s against a peak of 0.25
-    assert first["matmul_peak_tflops"] == 0.8 and first["mfu"] == pytest.approx(0.5)
-    assert window(60)["mfu"] == pytest.approx(0.75)  # under the new peak: not measured again
-    third = window(90)  # 0.9 > 0.8: measured again, lower (0.5), so the higher stays
-    assert third["matmul_peak_tflops"] == 0.8 and third["mfu"] == pytest.approx(0.9 / 0.8)
+        monitor.step_done(step, 0.1 * step, {"loss_parts": [1.0], "units": [1], "supervised": 1, "tokens": tokens,
+                                             "sequences": 4, "grad_norm": None}, 1e-3)
     monitor.close()
+    records = read_metrics(tmp_path)
+    assert [r["elapsed_s"] for r in records] == [1.0] * 6  # the 5 s of each measurement in no window
+    assert [r["matmul_peak_tflops"] for r in records] == [0.8] * 6  # 0.4 > 0.25: measured 0.8; later lower
+    assert [round(r["mfu"], 4) for r in records] == [0.5, 0.75, 1.125, 1.1875, 1.2375, 1.225]
+    # measured after steps 1, 3 and 4 (0.8, then 0.5 and 0.6: lower, 0.8 kept); three tries spent, step 5's
+    # 0.99 TFLOP/s measured nothing, and 0.7 is left
+    assert next(readings) == 0.7
+
+
+def test_only_the_logging_process_measures_again_and_a_failed_measurement_is_survived(monkeypatch):
+    import time
+
+    from instructkit.metrics import TrainingMonitor, Window
+
+    calls = []
+    monkeypatch.setattr(time, "perf_counter", lambda: 100.0 + len(calls))
+    other = TrainingMonitor(None, 10, 0, 1, lambda w: 1e12, 0.25, 1, "cpu", remeasure=lambda: calls.append(1))
+    other.window = Window(start=99.0)
+    other.check_peak(1.0, 1)
+    assert calls == []  # a process without the log never measures (its records are not written)
+
+    def failing() -> float:
+        raise RuntimeError("CUDA out of memory")
+
+    class Log:  # the main process, writing nowhere
+        def log(self, record):
+            pass
+
+    main = TrainingMonitor(Log(), 10, 0, 1, lambda w: 1e12, 0.25, 1, "cpu", remeasure=failing)
+    main.check_peak(1.0, 1)
+    assert main.peak == 0.25 and main.remeasures_left == 2
+
+
+def test_measuring_the_peak_again_leaves_the_training_rng_as_it_was():
+    """Dropout draws from the global generator: a measurement mid-run must not shift them, or a run's result
+    would depend on whether the machine was busy when it started."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from instructkit.prepare import measure_peak
+
+    run = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")),
+                          plan=SimpleNamespace(compute_precision="fp32"))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert measure_peak(run, keep_rng=True) > 0
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(0)
+    measure_peak(run)  # at start (before the seed is restored on resume) it may draw
+    assert not torch.equal(torch.rand(3), expected)

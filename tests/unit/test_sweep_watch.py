@@ -112,8 +112,8 @@ def test_a_trial_is_pruned_only_against_at_least_two_trials_evaluated_at_the_sam
 def test_an_old_runs_manifest_in_the_trial_directory_is_not_read_as_the_trials(tmp_path):
     import os
 
-    run, _, _ = _watched_trial(tmp_path, _evals("eval_loss", [9.0, 9.0]), manifest={"total_steps": 40})
-    assert run.total_steps == 40
+    run, _, _ = _watched_trial(tmp_path, _evals("eval_loss", [0.5, 0.5]), manifest={"total_steps": 40})
+    assert run.total_steps == 40 and not run.pruned
     old = run.run_dir / "manifest.json"
     os.utime(old, (run.started - 60, run.started - 60))  # as if left by an earlier study's trial
     run.total_steps, run.evals, run.offset = None, {}, 0
