@@ -34,6 +34,15 @@ RUN_ENTRIES = (MARKER, "config.yaml", "manifest.json", "metrics.jsonl", "tensorb
                ".final.tmp", "best", ".best.tmp", "data_report.json", "eval", "report")
 
 
+def read_manifest(run_dir: Path) -> dict:
+    """A run's manifest.json, or {} where there is none yet or it cannot be read."""
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def pid_alive(pid: int | None) -> bool:
     """Whether a process of this machine with that id exists (one we may not signal counts as alive)."""
     if not pid:

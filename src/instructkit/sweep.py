@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from instructkit.errors import TrainingInterrupted, UserError, user_error
 from instructkit.metrics import read_metrics
-from instructkit.rundir import MARKER, RunDirPlan, claim_run_dir, write_config
+from instructkit.rundir import MARKER, RunDirPlan, claim_run_dir, read_manifest, write_config
 from instructkit.sweep_board import best_row, board_markdown, cell
 from instructkit.sweep_metric import StudyMetric, best_eval, eval_fields, metric_value, objective, stored_metric
 from instructkit.sweep_params import Param, derived, trial_config, validate
@@ -143,16 +143,8 @@ def tell_best(study: Any, trial: Any, run_dir: Path, metric: str | None) -> dict
     return best
 
 
-def read_manifest(run_dir: Path) -> dict | None:
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
 def _completed(run_dir: Path) -> bool:
-    return (read_manifest(run_dir) or {}).get("status") == "completed"
+    return read_manifest(run_dir).get("status") == "completed"
 
 
 def child_env(plan: SweepPlan, slot: int) -> dict[str, str]:
@@ -261,7 +253,7 @@ def planned_steps(run_dir: Path, since: float) -> int | None:
             return None
     except OSError:
         return None
-    total = (read_manifest(run_dir) or {}).get("total_steps")
+    total = read_manifest(run_dir).get("total_steps")
     return total if isinstance(total, int) and total > 0 else None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from instructkit.files import remove
-from instructkit.rundir import LOCK, MARKER, RUN_ENTRIES
+from instructkit.rundir import LOCK, MARKER, RUN_ENTRIES, read_manifest
 from instructkit.studio.children import alive_children, command, interrupt, spawn, tail
 from instructkit.studio.security import MAX_DEPTH, StudioError
 
@@ -81,13 +81,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except ValueError:
             continue
     return records
-
-
-def read_manifest(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def read_config(run_dir: Path) -> dict:
