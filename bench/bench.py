@@ -3,7 +3,7 @@
     python bench/bench.py                      # LoRA and full, 3 repeats each, writes bench/results.json + .md
     python bench/bench.py --methods lora --repeats 1 --steps 6
 
-Same model (smollm2-135m-instruct), same data (the quickstart set), same number of optimizer steps and
+Same model (smollm2-135m-instruct), same data (the quickstart set, or --data), same number of optimizer steps and
 the same tokens per step (packed variants get as many packed rows as hold the padded variants'
 tokens). Each run is a fresh process, so peak RSS is its own. Steps 2..N are timed (step 1 warms up).
 
@@ -38,6 +38,7 @@ VARIANTS = {
     "trl": ("trl", []),
     "instructkit": ("instructkit", []),
     "instructkit-packed": ("instructkit", ["data.packing=true"]),
+    "instructkit-padded": ("instructkit", ["data.padding_free=false"]),  # where auto is padding-free: its gain
     "instructkit-bf16": ("instructkit", ["model.precision=bf16"]),
     "instructkit-fp32": ("instructkit", ["model.precision=fp32"]),  # where auto picks bf16: what that gains
     "instructkit-grouped": ("instructkit", ["train.group_by_length=true"]),
@@ -96,7 +97,8 @@ def run_seed(model_path: str, method: str, steps: int, batch: int, out: Path, _o
         text += f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
         return tok(text + f"### Response:\n{row['output']}{tok.eos_token}", truncation=True, max_length=MAX_LENGTH)
 
-    data = datasets.Dataset.from_list(rows(steps * batch)).map(fmt, remove_columns=["instruction", "input", "output", "task"])
+    data = datasets.Dataset.from_list(rows(steps * batch))
+    data = data.map(fmt, remove_columns=data.column_names)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     if method == "lora":
         model = get_peft_model(model, _lora(method))
@@ -227,6 +229,7 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def main() -> None:
+    global DATA, MAX_LENGTH
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--methods", default="lora,full")
@@ -235,7 +238,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "bench/results"))
+    parser.add_argument("--data", default=str(DATA), help="Alpaca-style JSONL (default: the quickstart set; "
+                        "bench/make_alpaca_rows.py writes long-tailed rows)")
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
     args = parser.parse_args()
+    DATA, MAX_LENGTH = Path(args.data), args.max_length
     if args.one:
         variant, method = args.one.split(":")
         print("RESULT " + json.dumps(one(variant, method, args.steps, args.batch)), flush=True)
@@ -247,7 +254,8 @@ def main() -> None:
             runs = []
             for repeat in range(args.repeats):
                 proc = subprocess.run([sys.executable, __file__, "--one", f"{variant}:{method}", "--steps",
-                                       str(args.steps), "--batch", str(args.batch)], capture_output=True, text=True,
+                                       str(args.steps), "--batch", str(args.batch), "--data", args.data,
+                                       "--max-length", str(args.max_length)], capture_output=True, text=True,
                                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
                 found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode != 0 or not found:

@@ -29,12 +29,10 @@ class ModelConfig(_Strict):
     name_or_path: str = Field(
         description="builtin alias (smollm2-135m-instruct), a local Hugging Face model directory, "
         "a hub id (from the local cache, or downloaded where the network allows; token from HF_TOKEN), or a run "
-        "directory (runs/NAME: its final/ model, or its LoRA adapter trained on, with the template it trained with)"
-    )
+        "directory (runs/NAME: its final/ model, or its LoRA adapter trained on, with the template it trained with)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp16 on older GPUs; on a CPU bf16 where a bf16 "
-        "matmul measures at least 1.3x faster than fp32 at start, else fp32"
-    )
+        "matmul measures at least 1.3x faster than fp32 at start, else fp32")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa; on a CPU "
         "sdpa_instructkit_cpu: sdpa, with packed examples attended one by one and, in bf16, small attention as matmuls"
@@ -114,12 +112,15 @@ class DataConfig(_Strict):
     train_on_inputs: bool = Field(False, description="also supervise prompt tokens")
     train_on_turns: Literal["all", "last"] = Field("all", description="which assistant turns are supervised")
     overlength: Literal["drop", "truncate", "error"] = Field(
-        "drop", description="what to do with examples longer than max_length (truncate keeps the EOS)"
-    )
+        "drop", description="what to do with examples longer than max_length (truncate keeps the EOS)")
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="error: stop before training with the report; skip: train on the rest")
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="with skip, stop anyway above this share of bad rows")
     packing: bool = Field(False, description="pack examples into rows of max_length, each attending only to itself")
+    padding_free: Union[Literal["auto"], bool] = Field(
+        "auto", description="each micro-batch's examples in one row without padding, each attending only to itself "
+        "(the same examples and loss as padded batches); auto: on where attention runs example by example (the CPU "
+        "attention path); checked on the model first")
     num_proc: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
         "auto", description="cores for tokenizing: auto (every core this process may use, at most 8, in "
         "threads); N: N threads, or N spawned processes where the template renders through Jinja (not a builtin)")
@@ -162,8 +163,7 @@ class TrainConfig(_Strict):
     max_steps: int = Field(-1, description="optimizer steps; overrides num_train_epochs when > 0")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of steps spent warming up")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="learning-rate schedule after warmup"
-    )
+        "cosine", description="learning-rate schedule after warmup")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables")
     optim: Literal["adamw_torch", "adamw_torch_fused"] = Field(
         "adamw_torch", description="AdamW; fused kernels are used on CUDA either way, adamw_torch_fused asks for them on CPU too")
@@ -189,8 +189,7 @@ class TrainConfig(_Strict):
     save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints (save_strategy: steps)")
     save_total_limit: Union[int, None] = Field(2, ge=1, description="checkpoints kept; null keeps all")
     report_to: list[Literal["tensorboard"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="extra metric sinks; [] for none"
-    )
+        default_factory=lambda: ["tensorboard"], description="extra metric sinks; [] for none")
     resume: Union[Literal["auto"], Literal[False], str] = Field(
         "auto", description="auto: continue from the newest complete checkpoint in output_dir; "
         "false: never reuse a non-empty output_dir; or a checkpoint directory to resume from")

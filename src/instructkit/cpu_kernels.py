@@ -111,16 +111,56 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     lengths instead of the square of the row's length (which made packing slower than padding on a CPU).
     Examples of similar length are gathered into padded batches for attention only, each batch small enough
     for the matmul path in bf16 (one batch of all fourteen examples of a 1650-token row went to SDPA's slow
-    bf16 kernel); the outputs go back to the row's order."""
-    offsets = [0, *itertools.accumulate(lengths)][:-1]
-    outputs, rows = [], []
-    for batch in _similar_length_batches(lengths, query.shape[1]):
-        out, where = _attend_examples(query, key, value, [offsets[i] for i in batch], [lengths[i] for i in batch],
-                                      scale)
-        outputs.append(out)
-        rows.append(where)
-    out, rows = torch.cat(outputs), torch.cat(rows)
-    return out.index_select(0, torch.argsort(rows)).unsqueeze(0)  # [1, L, H, D] in the row's order
+    bf16 kernel); one index puts the outputs back in the row's order."""
+    plan = _segment_plan(tuple(lengths), query.shape[1], query.device)
+    outputs = []
+    for index, mask, examples, longest in plan.batches:
+        # index_select, not advanced indexing: its backward is an index_add of whole rows, where t[:, index]
+        # went back through index_put with accumulation, 6% of a packed step (padding slots read token 0, masked)
+        q, k, v = (t[0].index_select(1, index).view(t.shape[1], examples, longest, t.shape[-1]).transpose(0, 1)
+                   for t in (query, key, value))
+        if _matmul_is_faster(q):
+            out = matmul_attention(q, k, v, mask, scale)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                   enable_gqa=True).transpose(1, 2)
+        outputs.append(out.reshape(examples * longest, *out.shape[2:]))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return out.index_select(0, plan.back).unsqueeze(0)  # [1, L, H, D] in the row's order
+
+
+class _SegmentPlan:
+    """What segment_attention needs besides the tensors, the same in every layer of a forward: per batch of
+    similar-length examples (gather index into the row, padding slots 0; causal mask with padding; examples;
+    longest), and `back`, each row position's slot in the batches' concatenated padded outputs."""
+
+    def __init__(self, lengths: tuple[int, ...], heads: int, device: torch.device):
+        offsets = [0, *itertools.accumulate(lengths)][:-1]
+        self.batches, back, done = [], [0] * sum(lengths), 0
+        for batch in _similar_length_batches(list(lengths), heads):
+            longest = max(lengths[i] for i in batch)
+            index = [0] * (len(batch) * longest)
+            for slot, i in enumerate(batch):
+                for j in range(lengths[i]):
+                    index[slot * longest + j] = offsets[i] + j
+                    back[offsets[i] + j] = done + slot * longest + j
+            real = torch.arange(longest)[None, :] < torch.tensor([lengths[i] for i in batch])[:, None]
+            mask = torch.ones(longest, longest, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+            self.batches.append((torch.tensor(index, device=device), mask.to(device), len(batch), longest))
+            done += len(batch) * longest
+        self.back = torch.tensor(back, device=device)
+
+
+_PLANS: dict[tuple, _SegmentPlan] = {}  # the last few rows' plans: 30 layers, forward and backward, share one
+
+
+def _segment_plan(lengths: tuple[int, ...], heads: int, device: torch.device) -> _SegmentPlan:
+    key = (lengths, heads, device)
+    if key not in _PLANS:
+        if len(_PLANS) >= 4:
+            _PLANS.clear()
+        _PLANS[key] = _SegmentPlan(lengths, heads, device)
+    return _PLANS[key]
 
 
 def _similar_length_batches(lengths: list[int], heads: int) -> list[list[int]]:
@@ -133,31 +173,6 @@ def _similar_length_batches(lengths: list[int], heads: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
-
-
-def _attend_examples(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: list[int],
-                     lengths: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs [real tokens, H, D], their positions in the row) of the examples at `starts`, attended as one
-    padded batch."""
-    device, longest, examples = query.device, max(lengths), len(lengths)
-    position = torch.arange(longest, device=device)
-    real = position[None, :] < torch.tensor(lengths, device=device)[:, None]  # [examples, longest]
-    index = torch.where(real, torch.tensor(starts, device=device)[:, None] + position[None, :], 0).reshape(-1)
-
-    # index_select, not advanced indexing: its backward is an index_add of whole rows, where t[:, index] went
-    # back through index_put with accumulation, 6% of a packed step (padding slots read token 0, masked)
-    def gather(t: torch.Tensor) -> torch.Tensor:  # [1, H, L, D] -> [examples, H, longest, D]
-        return t[0].index_select(1, index).view(t.shape[1], examples, longest, t.shape[-1]).transpose(0, 1)
-
-    q, k, v = gather(query), gather(key), gather(value)
-    mask = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None, None] & real[:, None, None, :]
-    if _matmul_is_faster(q):
-        out = matmul_attention(q, k, v, mask, scale)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                               enable_gqa=True).transpose(1, 2)
-    kept = real.reshape(-1).nonzero().squeeze(1)
-    return out.reshape(examples * longest, *out.shape[2:]).index_select(0, kept), index[kept]
 
 
 def uses_matmul_path(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from instructkit.checkpoint import TrainingProgress, load_checkpoint, read_progress
 from instructkit.config import DTYPES, RunConfig
 from instructkit.data.collate import pad_batch, pad_pairs
-from instructkit.data.packing import PackedRows, check_isolation, pack, packed_batch, packing_efficiency
+from instructkit.data.packing import (PackedRows, check_isolation, isolation_tolerance, pack, packed_batch,
+                                     packing_efficiency, padding_free_batch, use_padding_free)
 from instructkit.data.pipeline import Datasets, build_datasets, check_objective
 from instructkit.data.sampler import ResumableSampler
 from instructkit.data.store import lengths_of
@@ -259,9 +260,14 @@ def setup_train_set(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tokeni
     if data.stats.get("kind") == "preference":
         return data.train, collate_for("preference", tokenizer.pad_token_id), lengths
     if not cfg.data.packing:
+        from instructkit.cpu_kernels import NAME as CPU_ATTENTION  # attends a row's examples one by one
+
+        if use_padding_free(cfg.data.padding_free, run.plan.attn_implementation == CPU_ATTENTION,
+                            run.plan.compute_precision, model, len(tokenizer), run.say):
+            return data.train, padding_free_batch, lengths
         return data.train, partial(pad_batch, pad_id=tokenizer.pad_token_id), lengths
     check_isolation(model, len(tokenizer), next(model.parameters()).device,
-                    **({"atol": 1e-3} if run.plan.compute_precision == "fp32" else {"atol": 5e-2, "rtol": 0.05}))
+                    **isolation_tolerance(run.plan.compute_precision))
     bins = pack(lengths, cfg.data.max_length)
     rows = PackedRows(data.train, bins, lengths)
     run.say(f"packing: {len(data.train)} examples in {len(rows)} rows of <= {cfg.data.max_length} tokens "
@@ -365,6 +371,8 @@ def manifest_of(cfg: RunConfig, run: Runtime, plan_dir: RunDirPlan, model: torch
         "model": {"name_or_path": cfg.model.name_or_path, "resolved": model_path, "revision": cfg.model.revision},
         "method": cfg.method, "objective": cfg.objective, "precision": run.plan.compute_precision,
         "attn_implementation": run.plan.attn_implementation, "kernels": kernels_of(model).as_dict(),
+        "batches": {padding_free_batch: "padding-free", packed_batch: "packed"}.get(loop.train_loader.collate_fn,
+                                                                                  "padded"),
         "parameters": {"trainable": trainable, "total": total}, "data_files": data.stats["data_files"],
         "data": data.stats, "total_steps": loop.total_steps, "git_commit": git_commit(),
         "resumed": resume_history(Path(cfg.output_dir), plan_dir, step), "matmul_peak_tflops": loop.peak_tflops,

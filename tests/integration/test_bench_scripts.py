@@ -17,6 +17,18 @@ def test_gpu_benchmark_smoke_runs_on_cpu():
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in results)
 
 
+def test_training_benchmark_runs_a_variant_on_given_data(tmp_path):
+    rows = [{"instruction": f"Repeat {w}.", "input": "", "output": w} for w in ("apple", "pear", "plum", "fig")]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, str(ROOT / "bench/bench.py"), "--one", "instructkit-padded:lora", "--steps",
+                          "2", "--batch", "2", "--data", str(data), "--max-length", "64"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["variant"] == "instructkit-padded" and result["steps"] == 2 and result["tokens_per_s"] > 0
+
+
 def test_cpu_ceiling_benchmark_runs():
     out = subprocess.run([sys.executable, str(ROOT / "bench/cpu_ceiling.py"), "--dtype", "float32", "--rows", "8",
                           "--repeats", "1"], capture_output=True, text=True, timeout=300)

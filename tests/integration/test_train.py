@@ -77,15 +77,18 @@ def test_loss_falls_on_a_repeated_batch(tiny_config):
 
 def test_accumulated_loss_is_per_token_mean_of_the_step(tiny_config):
     """Batch 8 x accumulation 1 and batch 2 x accumulation 4 see the same tokens in the first step
-    (the same shuffled order) and must report the same loss."""
+    (the same shuffled order) and must report the same loss; so must the same batch padded."""
     root = tiny_config().parent
-    results = []
-    for bs, acc, name in ((8, 1, "a"), (2, 4, "b")):
+    results, batches = [], []
+    for bs, acc, free, name in ((8, 1, "auto", "a"), (2, 4, "auto", "b"), (8, 1, False, "c")):
         cfg = tiny_config(train={"per_device_train_batch_size": bs, "gradient_accumulation_steps": acc,
-                                 "max_steps": 1}, output_dir=str(root / name))
+                                 "max_steps": 1}, data={"padding_free": free}, output_dir=str(root / name))
         assert main(["train", str(cfg)]) == 0
         results.append(read_metrics(root / name)[0]["loss"])
+        batches.append(json.loads((root / name / "manifest.json").read_text())["batches"])
     assert results[0] == pytest.approx(results[1], rel=1e-4)
+    assert results[0] == pytest.approx(results[2], rel=1e-4)
+    assert batches == ["padding-free", "padding-free", "padded"]  # auto: the CPU attention path attends per example
 
 
 def test_generate_from_run_prompt_and_file(tiny_config, tmp_path, capsys):

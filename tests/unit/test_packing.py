@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from instructkit.data.collate import pad_batch
-from instructkit.data.packing import check_isolation, pack, packed_batch, packing_efficiency
+from instructkit.data.packing import (check_isolation, pack, packed_batch, packing_efficiency, padding_free_batch,
+                                     use_padding_free)
 from instructkit.data.tokenize import IGNORE, Example
 from instructkit.errors import UserError
 from instructkit.loss import SupervisedLoss, count_supervised
@@ -77,6 +78,52 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir):
     assert a.item() == pytest.approx(b.item(), abs=1e-5)
 
 
+class Leaky(torch.nn.Module):  # an all-ones attention mask: packed examples see each other
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_instructkit_cpu"])
+def test_padding_free_batch_gives_the_padded_batch_loss_and_gradients(tiny_model_dir, attn):
+    from instructkit.cpu_kernels import register
+
+    register()
+    model = _model(tiny_model_dir, attn)
+    # one example supervised from its first token (train_on_inputs): padded, that label is never a target either
+    examples = _examples() + [Example([7, 8, 9, 10], [7, 8, 9, 10])]
+    free, padded = padding_free_batch(examples), pad_batch(examples, pad_id=0)
+    assert free["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples)) and "attention_mask" not in free
+    assert count_supervised(free) == count_supervised(padded)
+    loss, results = SupervisedLoss(model), []
+    for batch in (free, padded):
+        model.zero_grad()
+        value = loss(**batch)
+        value.backward()
+        results.append((value.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_free_is_resolved_and_checked_on_the_model(tiny_model_dir):
+    model, said = _model(tiny_model_dir, "sdpa"), []
+    assert use_padding_free("auto", True, "fp32", model, 256, said.append)
+    assert said == ["padding-free batches: each micro-batch's examples in one row (data.padding_free: auto: the "
+                    "attention implementation attends them one by one)"]
+    assert use_padding_free(True, False, "fp32", model, 256, said.append)  # asked for: the model keeps rows apart
+    assert not use_padding_free("auto", False, "fp32", Leaky(model), 256, said.append)  # not checked: not wanted
+    assert not use_padding_free(False, True, "fp32", Leaky(model), 256, said.append)
+    assert len(said) == 2
+    assert not use_padding_free("auto", True, "fp32", Leaky(model), 256, said.append)  # auto pads, with a note
+    assert said[-1].startswith("note: data.padding_free: auto pads the batches")
+    with pytest.raises(UserError, match="data.padding_free is on, but .* Fix: .* or data.padding_free: false"):
+        use_padding_free(True, True, "fp32", Leaky(model), 256, said.append)
+
+
 # bf16 with the tolerances prepare.py gives it: the probe passed at fp32's 5e-2 on the tiny model but refused
 # SmolLM2 on a CPU where precision auto picks bf16 (0.3 of rounding on logits of 36)
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, {"atol": 1e-4}),
@@ -84,16 +131,7 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir):
 def test_isolation_probe_passes_and_refuses_a_leaking_model(tiny_model_dir, dtype, tolerance):
     model = _model(tiny_model_dir).to(dtype)
     check_isolation(model, 256, "cpu", **tolerance)
-
-    class Leaky(torch.nn.Module):  # an all-ones attention mask: packed examples see each other
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, **kwargs):
-            return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-
-    with pytest.raises(UserError, match="packed examples attend to each other"):
+    with pytest.raises(UserError, match="examples in one row attend to each other"):
         check_isolation(Leaky(model), 256, "cpu", **tolerance)
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Sequence as SequenceABC
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from instructkit.config import IGNORE
 from instructkit.data.tokenize import Example
-from instructkit.errors import user_error
+from instructkit.errors import UserError, user_error
 
 if TYPE_CHECKING:
     import torch
@@ -95,8 +95,42 @@ def packed_batch(packs: Sequence[Sequence[Example]]) -> dict:
             "position_ids": torch.tensor([positions])}
 
 
+def padding_free_batch(examples: Sequence[Example]) -> dict:
+    """A micro-batch as one padding-free row (data.padding_free): the examples and the loss of the padded batch
+    (its first label is never a target either), no pad token computed."""
+    return packed_batch([examples])
+
+
+def use_padding_free(wanted: bool | str, per_example_attention: bool, compute_precision: str,
+                     model: torch.nn.Module, vocab_size: int, say: Callable[[str], None]) -> bool:
+    """data.padding_free resolved. auto is on only where the attention implementation attends the examples of a
+    row one by one (instructkit's CPU attention: forward + backward of padded batches of 8 took 1.82x the
+    padding-free time on long-tailed rows, 4-8% more on the quickstart's, bench/padding_free.py); elsewhere a
+    row of examples could cost attention over its whole length. The model is checked to keep the examples apart first: true fails where it
+    does not, auto pads."""
+    if wanted is False or (wanted == "auto" and not per_example_attention):
+        return False
+    try:
+        check_isolation(model, vocab_size, next(model.parameters()).device,
+                        **isolation_tolerance(compute_precision), key="data.padding_free")
+    except UserError:
+        if wanted is True:
+            raise
+        say("note: data.padding_free: auto pads the batches: with this model, examples in one row attend to each other")
+        return False
+    say("padding-free batches: each micro-batch's examples in one row"
+        + (" (data.padding_free: auto: the attention implementation attends them one by one)"
+           if wanted == "auto" else ""))
+    return True
+
+
+def isolation_tolerance(compute_precision: str) -> dict:
+    """check_isolation's tolerances for a compute precision (bf16 rounds a longer row differently)."""
+    return {"atol": 1e-3} if compute_precision == "fp32" else {"atol": 5e-2, "rtol": 0.05}
+
+
 def check_isolation(model: torch.nn.Module, vocab_size: int, device: torch.device | str, atol: float,
-                    rtol: float = 0.0) -> None:
+                    rtol: float = 0.0, key: str = "data.packing") -> None:
     """Refuse packing when the model lets packed examples see each other. A short sequence B packed after A
     must give the logits it gives after another A' of the same length (a leak shows as a difference; the
     same arithmetic otherwise, so atol is tight in any precision), and the logits B gives alone up to
@@ -116,7 +150,7 @@ def check_isolation(model: torch.nn.Module, vocab_size: int, device: torch.devic
     model.train(was_training)
     leak, offset = (after_a - after_other).abs().max().item(), (after_a - alone).abs().max().item()
     if leak > atol or offset > atol + rtol * alone.abs().max().item():
-        raise user_error(f"packing is on, but with this model and attention implementation packed examples attend "
-                         f"to each other (an example's logits change by {leak:.3g} with the example packed before "
-                         f"it and differ by {offset:.3g} from the example run alone)", "data.packing",
-                         "set model.attn_implementation to sdpa or flash_attention_2, or data.packing: false")
+        raise user_error(f"{key} is on, but with this model and attention implementation examples in one row "
+                         f"attend to each other (an example's logits change by {leak:.3g} with the example packed "
+                         f"before it and differ by {offset:.3g} from the example run alone)", key,
+                         f"set model.attn_implementation to sdpa or flash_attention_2, or {key}: false")
