@@ -161,7 +161,8 @@ def run_instructkit(model_path: str, method: str, steps: int, batch: int, out: P
     cfg = {"run_name": "bench", "output_dir": str(out / "run"), "seed": 42,
            "model": {"name_or_path": "smollm2-135m-instruct"}, "method": method,
            "lora": {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
-           "data": {"train_file": str(data), "template": "alpaca", "max_length": MAX_LENGTH, "cache": False},
+           "data": {"train_file": str(data), "template": "alpaca", "max_length": MAX_LENGTH, "cache": False,
+                    "overlength": "truncate"},  # as the seed and TRL runs cut long rows
            "train": {"per_device_train_batch_size": packed_rows(batch) if packed else batch,
                      "gradient_accumulation_steps": 1, "max_steps": steps, "learning_rate": 2e-4, "warmup_ratio": 0,
                      "logging_steps": 1, "save_strategy": "no", "report_to": []}}

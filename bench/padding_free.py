@@ -45,7 +45,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs/quickstart.yaml", overrides)
     model_path, tokenizer, data = prepare.setup_data(cfg)
     run = prepare.setup_runtime(cfg)
-    objective = prepare.setup_objective(cfg, prepare.setup_model(cfg, model_path, run.plan))
+    objective = prepare.setup_objective(cfg, prepare.setup_model(cfg, model_path, run.plan)).train()  # dropout on
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).tolist()
     groups = [[data.train[i] for i in order[k:k + 8]] for k in range(0, 8 * args.batches, 8)]
     layouts = {"padded": [pad_batch(g, tokenizer.pad_token_id) for g in groups],

@@ -262,7 +262,11 @@ def setup_train_set(cfg: RunConfig, run: Runtime, model: torch.nn.Module, tokeni
     if not cfg.data.packing:
         from instructkit.cpu_kernels import NAME as CPU_ATTENTION  # attends a row's examples one by one
 
-        if use_padding_free(cfg.data.padding_free, run.plan.attn_implementation == CPU_ATTENTION,
+        # ... except with attention dropout or a sliding window, which it leaves to SDPA over the whole row
+        lm = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        per_example = (run.plan.attn_implementation == CPU_ATTENTION and not getattr(lm, "attention_dropout", 0)
+                       and getattr(lm, "sliding_window", None) is None)
+        if use_padding_free(cfg.data.padding_free, per_example,
                             run.plan.compute_precision, model, len(tokenizer), run.say):
             return data.train, padding_free_batch, lengths
         return data.train, partial(pad_batch, pad_id=tokenizer.pad_token_id), lengths
