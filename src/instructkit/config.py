@@ -289,9 +289,13 @@ class RunConfig(_Strict):
             raise ValueError(f"eval.generate scores generations against references, which preference pairs are "
                              f"not; with objective: {self.objective} set it to false and run "
                              "`instructkit eval RUN --data PAIRS` (ranking accuracy) or --data on demonstrations")
-        if self.data.packing and self.objective != "sft":
-            raise ValueError(f"data.packing with objective: {self.objective}: preference pairs are not packed "
-                             "(each side is scored as a whole sequence); set data.packing: false")
+        for key, on in (("data.packing", self.data.packing), ("data.padding_free", self.data.padding_free is True)):
+            if on and self.objective != "sft":  # auto simply pads them
+                raise ValueError(f"{key} with objective: {self.objective}: preference pairs are not packed "
+                                 f"(each side is scored as a whole sequence); set {key}: false")
+        if self.data.packing and self.data.padding_free is True:
+            raise ValueError("data.padding_free: true with data.packing: packed rows hold no padding already; set "
+                             "data.padding_free: auto, or data.packing: false")
         if self.distributed.strategy == "fsdp" and self.model.load_in_4bit:
             raise ValueError("distributed: fsdp with model.load_in_4bit is not supported: use ddp for QLoRA")
         return self
@@ -338,8 +342,7 @@ def _read_yaml(path: Path) -> dict:
         raise user_error(f"not valid YAML ({exc.problem})", where, "fix the YAML syntax at that line") from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise user_error(f"not a readable YAML file ({exc})", str(path), "save it as UTF-8 YAML") from exc
-    if data is None:
-        data = {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise user_error("the config must be a mapping of keys to values", str(path), "see the README's config reference")
     return data

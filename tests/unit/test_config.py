@@ -89,6 +89,15 @@ def test_cross_field_checks(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["data.eval_file=e.jsonl", "data.val_size=0.1"])
 
 
+def test_padding_free_true_is_refused_where_it_would_be_ignored(tmp_path):
+    with pytest.raises(UserError, match="data.padding_free with objective: dpo.*set data.padding_free: false"):
+        load_config(write(tmp_path, MINIMAL), ["data.padding_free=true", "objective=dpo"])
+    with pytest.raises(UserError, match="packed rows hold no padding already"):
+        load_config(write(tmp_path, MINIMAL), ["data.padding_free=true", "data.packing=true"])
+    assert load_config(write(tmp_path, MINIMAL), ["objective=dpo"]).data.padding_free == "auto"  # auto pads pairs
+    assert load_config(write(tmp_path, MINIMAL), ["data.packing=true"]).data.packing
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL), ["seed=7"])
     again = load_config(write(tmp_path, dump_config(cfg)))

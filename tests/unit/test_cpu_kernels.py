@@ -154,12 +154,14 @@ def test_packed_attention_gradients_and_one_mask_check_per_forward(monkeypatch, 
     assert all(torch.allclose(a, t.grad, atol=1e-5) for a, t in zip(ours, (q, k, v)))
 
     checks = []
-    equal = torch.equal
-    monkeypatch.setattr(torch, "equal", lambda a, b: checks.append(1) or equal(a, b))
+    count = torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda a: checks.append(1) or count(a))
     assert [packed_lengths(q, mask, positions, 0.0, True, {}) for _ in range(3)] == [lengths] * 3
     assert len(checks) == 1
     mask[0, 0, 11, 0] = True  # an in-place change: a leak from the first example, checked again and refused
     assert packed_lengths(q, mask, positions, 0.0, True, {}) == [] and len(checks) == 2
+    mask[0, 0, 1, 1] = False  # as many entries as the causal blocks hold, but one block is not causal: refused
+    assert packed_lengths(q, mask, positions, 0.0, True, {}) == [] and len(checks) == 3
 
 
 def test_a_model_that_cannot_run_sdpa_is_refused_at_load_as_with_sdpa():
