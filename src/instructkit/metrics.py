@@ -97,6 +97,14 @@ def training_flops(config: PretrainedConfig, method: str, tokens: int, supervise
     return tokens * (factor * body + attention) + supervised * factor * h * vocab
 
 
+def _finish_queued_work(device: torch.device | str) -> None:
+    """Wait for the kernels queued on a CUDA device (a no-op elsewhere), so that the clock read next counts them."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def device_stats(device: torch.device | str) -> dict:
     """Peak GPU memory (GiB) and, where nvidia-ml-py is installed, GPU utilisation (%)."""
     import torch
@@ -193,6 +201,7 @@ class TrainingMonitor:
         self.window = Window()
 
     def _record(self, step: int, epoch: float, out: dict, lr: float) -> dict:
+        _finish_queued_work(self.device)  # the window's last optimizer step may still be running on a GPU
         w, elapsed = self.window, time.perf_counter() - self.window.start
         flops = self.flops(w)
         if flops:
@@ -229,6 +238,7 @@ class TrainingMonitor:
     def paused(self) -> Iterator[None]:
         """Time spent inside (evaluation, checkpointing) is left out of the window's elapsed time: tokens/s and
         MFU measure training, and a window holding an evaluation would otherwise read as a slow one."""
+        _finish_queued_work(self.device)  # training's queued GPU work belongs to the window, not to the pause
         start = time.perf_counter()
         try:
             yield

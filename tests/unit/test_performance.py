@@ -74,6 +74,38 @@ def test_evaluation_time_is_left_out_of_the_training_window(monkeypatch):
     assert record["mfu"] == pytest.approx(1.0)
 
 
+def test_queued_gpu_work_is_finished_before_the_clock_is_read(monkeypatch):
+    """CUDA runs kernels after the host queued them: a window ends, and a pause begins, only once the device
+    has finished the training queued before it (a window's last optimizer step would otherwise be timed in the
+    next window, or inside an evaluation and left out)."""
+    import time
+
+    import torch
+
+    from instructkit import metrics
+    from instructkit.metrics import TrainingMonitor, Window
+
+    clock, queued = [100.0], [3.0]  # seconds of GPU work still queued
+
+    def synchronize(device) -> None:
+        assert str(device) == "cuda:0"
+        clock[0] += queued[0]
+        queued[0] = 0.0
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(metrics, "device_stats", lambda device: {})
+    monitor = TrainingMonitor(None, 10, 0, 5, lambda w: 1e12 * w.tokens / 100, 1.0, 1, "cuda:0")
+    monitor.window = Window(start=clock[0])
+    clock[0] += 1.0  # queueing training
+    with monitor.paused():
+        clock[0] += 30.0  # evaluating
+    queued[0] = 2.0
+    monitor.window.add({"loss_parts": [1.0], "units": [1], "supervised": 1, "tokens": 600, "sequences": 4})
+    record = monitor._record(5, 0.5, {"grad_norm": None}, 1e-3)
+    assert record["elapsed_s"] == pytest.approx(6.0)  # 1 s queueing + 3 s and 2 s of queued kernels
+
+
 def test_a_window_faster_than_the_peak_measures_the_peak_again(monkeypatch, tmp_path):
     """A peak measured while another process had the cores reads low and MFU above 100%: the first window
     that outruns it measures it again (in no window's time), keeps the higher value, and names it in its
