@@ -74,7 +74,8 @@ def test_evaluation_time_is_left_out_of_the_training_window(monkeypatch):
     assert record["mfu"] == pytest.approx(1.0)
 
 
-def test_queued_gpu_work_is_finished_before_the_clock_is_read(monkeypatch):
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1", "cuda1-object", "cpu"])
+def test_queued_gpu_work_is_finished_before_the_clock_is_read(monkeypatch, device):
     """CUDA runs kernels after the host queued them: a window ends, and a pause begins, only once the device
     has finished the training queued before it (a window's last optimizer step would otherwise be timed in the
     next window, or inside an evaluation and left out)."""
@@ -85,17 +86,18 @@ def test_queued_gpu_work_is_finished_before_the_clock_is_read(monkeypatch):
     from instructkit import metrics
     from instructkit.metrics import TrainingMonitor, Window
 
-    clock, queued = [100.0], [3.0]  # seconds of GPU work still queued
+    device = torch.device("cuda", 1) if device == "cuda1-object" else device
+    clock, queued, synced = [100.0], [3.0], []  # seconds of GPU work still queued
 
-    def synchronize(device) -> None:
-        assert str(device) == "cuda:0"
+    def synchronize(on) -> None:
+        synced.append(on)
         clock[0] += queued[0]
         queued[0] = 0.0
 
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     monkeypatch.setattr(metrics, "device_stats", lambda device: {})
-    monitor = TrainingMonitor(None, 10, 0, 5, lambda w: 1e12 * w.tokens / 100, 1.0, 1, "cuda:0")
+    monitor = TrainingMonitor(None, 10, 0, 5, lambda w: 1e12 * w.tokens / 100, 1.0, 1, device)
     monitor.window = Window(start=clock[0])
     clock[0] += 1.0  # queueing training
     with monitor.paused():
@@ -103,7 +105,10 @@ def test_queued_gpu_work_is_finished_before_the_clock_is_read(monkeypatch):
     queued[0] = 2.0
     monitor.window.add({"loss_parts": [1.0], "units": [1], "supervised": 1, "tokens": 600, "sequences": 4})
     record = monitor._record(5, 0.5, {"grad_norm": None}, 1e-3)
-    assert record["elapsed_s"] == pytest.approx(6.0)  # 1 s queueing + 3 s and 2 s of queued kernels
+    if str(device) == "cpu":  # nothing is queued on a CPU: never synchronized
+        assert synced == [] and record["elapsed_s"] == pytest.approx(1.0)
+    else:  # 1 s queueing + 3 s and 2 s of queued kernels, waited for on the run's own device
+        assert synced == [device, device] and record["elapsed_s"] == pytest.approx(6.0)
 
 
 def test_a_window_faster_than_the_peak_measures_the_peak_again(monkeypatch, tmp_path):
