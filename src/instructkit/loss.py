@@ -1,8 +1,9 @@
 """The training loss: summed next-token cross entropy over supervised positions only.
 
 The decoder runs on every token, but the LM head (hidden x vocabulary, a large share of a small
-model's compute) runs only where a label is supervised, in chunks whose logits are recomputed in
-backward, so the full tokens x vocabulary logits are never materialised. Models whose logits are
+model's compute) runs only where a label is supervised, in chunks, so the full tokens x vocabulary logits
+are never materialised. A frozen head (LoRA) has each chunk's gradient computed in forward and its logits
+freed at once (FrozenHeadCE); a trained head's large chunks are recomputed in backward. Models whose logits are
 post-processed (soft-capping, scaling) take the plain path through their own forward.
 
 The loss is a module so that accelerate can wrap it (DDP hooks need the wrapped module's forward).
@@ -26,9 +27,39 @@ def _head_logp(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-# Below this size (fp32 logits of one chunk; autograd also keeps their log-softmax) a chunk's logits are kept
-# for backward: recomputing them costs a head matmul, 2-5% of a CPU LoRA step on SmolLM2 with short answers.
+# With a trained head (full fine-tuning), below this size (fp32 logits of one chunk; autograd also keeps their
+# log-softmax) a chunk's logits are kept for backward: recomputing them costs a head matmul.
 KEEP_LOGITS_BYTES = 64 * 2**20
+
+
+def frozen_head(head: torch.nn.Module) -> bool:
+    """A plain linear head that takes no gradient (LoRA leaves it frozen; a quantized or adapted head is not
+    plain, and full fine-tuning trains it): what FrozenHeadCE needs."""
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
+class FrozenHeadCE(torch.autograd.Function):
+    """Summed cross entropy of a frozen LM head's logits (LoRA: the head takes no gradient), with the gradient
+    with respect to the hidden states computed in forward: softmax minus the one-hot target, times the head's
+    weight, as autograd's backward would compute it (in the head's compute dtype). The chunk's logits are freed
+    at once, neither kept for backward nor recomputed there (a second head matmul, cast and log-softmax). The
+    loss is a scalar, so backward only scales the saved gradient: right for any use of the loss downstream."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        dtype, logits = logits.dtype, logits.float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        loss = (lse.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+        probs = logits.sub_(lse).exp_()  # the softmax, in place: one chunk of fp32 logits at a time, never two
+        probs[torch.arange(targets.shape[0], device=targets.device), targets] -= 1
+        ctx.save_for_backward(torch.matmul(probs.to(dtype), head.weight).to(hidden.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad.to(grad_hidden.dtype), None, None
 
 
 class SupervisedLoss(torch.nn.Module):
@@ -74,9 +105,12 @@ class SupervisedLoss(torch.nn.Module):
             if fused is not None:
                 return fused
         total = hidden.new_zeros((), dtype=torch.float32)
+        frozen = torch.is_grad_enabled() and hidden.requires_grad and frozen_head(head)
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             h, y = hidden[start:start + self.chunk_tokens], wanted[start:start + self.chunk_tokens]
-            if torch.is_grad_enabled() and self._recompute(h, head):  # keep only h; the logits are recomputed
+            if frozen:  # the gradient computed now: no logits kept, none recomputed
+                total = total + FrozenHeadCE.apply(h, head, y)
+            elif torch.is_grad_enabled() and self._recompute(h, head):  # keep only h; the logits are recomputed
                 total = total + checkpoint(_head_ce, head, h, y, use_reentrant=False)
             else:
                 total = total + _head_ce(head, h, y)
