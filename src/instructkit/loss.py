@@ -34,8 +34,10 @@ KEEP_LOGITS_BYTES = 64 * 2**20
 
 def frozen_head(head: torch.nn.Module) -> bool:
     """A plain linear head that takes no gradient (LoRA leaves it frozen; a quantized or adapted head is not
-    plain, and full fine-tuning trains it): what FrozenHeadCE needs."""
-    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+    plain, and full fine-tuning trains it) and whose weight stays in place after its forward (DeepSpeed ZeRO-3
+    gathers a partitioned weight, marked by `ds_id`, only for the module's own forward): what FrozenHeadCE needs."""
+    return (type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+            and not hasattr(head.weight, "ds_id"))
 
 
 class FrozenHeadCE(torch.autograd.Function):

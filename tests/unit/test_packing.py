@@ -154,8 +154,10 @@ def test_supervised_logits_path_equals_full_logits_in_loss_and_gradients(tiny_mo
         assert torch.allclose(fast_grad, plain_grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_frozen_head_gets_its_gradient_in_forward_with_the_same_loss_and_gradients(tiny_model_dir, dtype):
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, True),
+                                            (torch.float32, True)])  # fp32 weights, bf16 compute (QLoRA's head)
+def test_a_frozen_head_gets_its_gradient_in_forward_with_the_same_loss_and_gradients(tiny_model_dir, dtype,
+                                                                                     autocast):
     """LoRA leaves the LM head frozen: each chunk's gradient is computed in forward (FrozenHeadCE) instead of
     keeping or recomputing the logits; loss and gradients equal the model's own full-logits path (fp32) or the
     recomputing path in the same precision (bf16 under autocast), also through a nonlinear use of the loss."""
@@ -163,23 +165,28 @@ def test_a_frozen_head_gets_its_gradient_in_forward_with_the_same_loss_and_gradi
 
     examples, results, calls = _examples(), [], []
     apply = FrozenHeadCE.apply
-    for fast, keep in ((True, 2**30), (False, 0) if dtype == torch.float32 else (True, 0)):
+    for fast, keep in ((True, 2**30), (True, 0) if autocast else (False, 0)):
         model = _model(tiny_model_dir).to(dtype)
-        model.get_output_embeddings().weight.requires_grad_(False)  # tied: the embeddings freeze too
+        model.get_output_embeddings().weight.requires_grad_(False)  # as LoRA leaves it
         loss = SupervisedLoss(model, chunk_tokens=4, fast=fast, keep_logits_bytes=keep)
         if keep:
             assert frozen_head(model.get_output_embeddings())
         else:  # the reference: the head trains there, as in full fine-tuning, so the plain or recompute path
             model.get_output_embeddings().weight.requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             FrozenHeadCE.apply = lambda *a: calls.append(1) or apply(*a)
             value = loss(**pad_batch(examples, pad_id=0))
             FrozenHeadCE.apply = apply
         (value.float() ** 2 / 100).backward()  # any use of the scalar loss: backward scales the saved gradient
         results.append((value.item(), [p.grad.clone() for p in model.model.layers.parameters()]))
-    assert calls  # the first run took the frozen-head path, in every chunk
+    head = torch.nn.Linear(2, 3).requires_grad_(False)
+    assert frozen_head(head) and not frozen_head(torch.nn.Linear(2, 3))  # a trained head keeps the old path
+    head.weight.ds_id = 0  # a ZeRO-3 partitioned weight, gathered only inside the head's own forward
+    assert not frozen_head(head)
+    supervised = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
+    assert len(calls) == -(-supervised // 4)  # the first run took the frozen-head path, in every chunk
     # fp32: rounding only (1.8e-6 at most on gradients up to 4.3); bf16: one ulp at most (0.03 at 4.3)
-    tolerance = {"rel": 1e-6, "atol": 1e-5} if dtype == torch.float32 else {"rel": 1e-2, "atol": 2e-2}
+    tolerance = {"rel": 1e-6, "atol": 1e-5} if not autocast else {"rel": 1e-2, "atol": 2e-2}
     assert results[0][0] == pytest.approx(results[1][0], rel=tolerance["rel"])
     for ours, reference in zip(results[0][1], results[1][1]):
         assert torch.allclose(ours.float(), reference.float(), rtol=tolerance["rel"], atol=tolerance["atol"])
