@@ -10,20 +10,17 @@ ran slower): Llama's RMSNorm, its MLP's SiLU-and-multiply and its rotary embeddi
 function on every call. Forward + backward of the training loss on the quickstart's LoRA model (train mode,
 padding-free batches of 8, the run's precision under autocast), eager and compiled alternating batch by batch
 so that both see the same machine. Reports the compile warm-up, the first losses both ways (close, not equal:
-fused kernels round differently; in bf16 68.81 against 68.98 on the first batch) and per side the sum over batches of each batch's fastest and median time. Llama-architecture models
-only (SmolLM2 is one); the classes are patched in this process only.
+fused kernels round differently; in bf16 68.81 against 68.98 on the first batch) and per side the sum over
+batches of each batch's fastest and median time. Llama-architecture models only (SmolLM2 is one); the classes
+are patched in this process only.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("rms", "mlp", "rope")
 
 
@@ -65,45 +62,25 @@ def main() -> None:
     if not parts or set(parts) - set(PARTS):
         parser.error(f"--parts takes {', '.join(PARTS)}; got {args.parts}")
 
-    from instructkit import prepare
-    from instructkit.config import load_config
     from instructkit.data.packing import padding_free_batch
+    from interleaved import alternate, setup, shuffled_groups, train_step
 
-    cfg = load_config(ROOT / "configs/quickstart.yaml", ["output_dir=/tmp/compiled-parts-bench", "data.cache=false"])
-    model_path, tokenizer, data = prepare.setup_data(cfg)
-    run = prepare.setup_runtime(cfg)
-    objective = prepare.setup_objective(cfg, prepare.setup_model(cfg, model_path, run.plan)).train()
+    _, examples, run, objective = setup("/tmp/compiled-parts-bench", 256)
     compiled = [False]
     patch(parts, compiled)
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).tolist()
-    batches = [padding_free_batch([data.train[i] for i in order[k:k + 8]]) for k in range(0, 8 * args.batches, 8)]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.plan.compute_precision)
+    batches = [padding_free_batch(g) for g in shuffled_groups(examples, args.batches)]
+    step = train_step(objective, run.plan.compute_precision)
 
-    def step(batch: dict) -> float:
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = objective(**batch)
-        loss.backward()
-        objective.zero_grad(set_to_none=True)
-        return loss.item()
+    def on(side: bool, batch: dict) -> float:
+        compiled[0] = side
+        return step(batch)
 
-    compiled[0] = True
     start = time.perf_counter()
-    first = [round(step(b), 3) for b in batches[:2]]
+    first = [round(on(True, b), 3) for b in batches[:2]]
     print(f"{run.plan.compute_precision}; compiling {parts} and two batches: {time.perf_counter() - start:.1f} s")
-    compiled[0] = False
-    print(f"first losses: eager {[round(step(b), 3) for b in batches[:2]]}, compiled {first}")
-    times: dict[bool, list[list[float]]] = {False: [[] for _ in batches], True: [[] for _ in batches]}
-    for _ in range(args.repeats):
-        for i, batch in enumerate(batches):
-            for side in (False, True):
-                compiled[0] = side
-                start = time.perf_counter()
-                step(batch)
-                times[side][i].append(time.perf_counter() - start)
-    for side, per_batch in times.items():
-        print(f"{'compiled' if side else 'eager'}: fastest {sum(min(t) for t in per_batch):.2f} s, median "
-              f"{sum(statistics.median(t) for t in per_batch):.2f} s (summed over {len(batches)} batches)")
-
+    print(f"first losses: eager {[round(on(False, b), 3) for b in batches[:2]]}, compiled {first}")
+    alternate({"eager": lambda i: on(False, batches[i]), "compiled": lambda i: on(True, batches[i])},
+              len(batches), args.repeats)
 
 if __name__ == "__main__":
     main()

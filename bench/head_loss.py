@@ -17,13 +17,6 @@ the same work.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from pathlib import Path
-
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -35,46 +28,23 @@ def main() -> None:
     args = parser.parse_args()
 
     from instructkit import loss as loss_module
-    from instructkit import prepare
-    from instructkit.config import load_config
     from instructkit.data.packing import padding_free_batch
+    from interleaved import alternate, setup, shuffled_groups, train_step
 
-    overrides = ["output_dir=/tmp/head-loss-bench", f"data.max_length={args.max_length}", "data.cache=false"]
-    if args.data:
-        overrides += [f"data.train_file={args.data}", "data.eval_file=null", "data.val_size=0", "data.template=alpaca"]
-    cfg = load_config(ROOT / "configs/quickstart.yaml", overrides)
-    model_path, tokenizer, data = prepare.setup_data(cfg)
-    run = prepare.setup_runtime(cfg)
-    objective = prepare.setup_objective(cfg, prepare.setup_model(cfg, model_path, run.plan)).train()
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).tolist()
-    batches = [padding_free_batch([data.train[i] for i in order[k:k + 8]]) for k in range(0, 8 * args.batches, 8)]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.plan.compute_precision)
-    frozen_head = loss_module.frozen_head
-    sides = {"recompute": lambda head: False, "gradient in forward": frozen_head}
+    _, examples, run, objective = setup("/tmp/head-loss-bench", args.max_length, args.data)
+    batches = [padding_free_batch(g) for g in shuffled_groups(examples, args.batches)]
+    step = train_step(objective, run.plan.compute_precision)
+    sides = {"recompute": lambda head: False, "gradient in forward": loss_module.frozen_head}
 
-    def step(batch: dict, side: str) -> float:
-        loss_module.frozen_head = sides[side]
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = objective(**batch)
-        loss.backward()
-        objective.zero_grad(set_to_none=True)
-        return loss.item()
+    def on(side: str, batch: dict) -> float:
+        loss_module.frozen_head = sides[side]  # SupervisedLoss looks it up at each call
+        return step(batch)
 
     supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     print(f"{run.plan.compute_precision}, {len(batches)} batches of 8, {supervised} supervised tokens")
     for side in sides:
-        print(f"{side}: first losses {[round(step(b, side), 3) for b in batches[:2]]}")
-    times: dict[str, list[list[float]]] = {side: [[] for _ in batches] for side in sides}
-    for _ in range(args.repeats):
-        for i, batch in enumerate(batches):
-            for side in sides:
-                start = time.perf_counter()
-                step(batch, side)
-                times[side][i].append(time.perf_counter() - start)
-    for side, per_batch in times.items():
-        print(f"{side}: fastest {sum(min(t) for t in per_batch):.2f} s, median "
-              f"{sum(statistics.median(t) for t in per_batch):.2f} s (summed over batches)")
-
+        print(f"{side}: first losses {[round(on(side, b), 3) for b in batches[:2]]}")
+    alternate({side: (lambda i, side=side: on(side, batches[i])) for side in sides}, len(batches), args.repeats)
 
 if __name__ == "__main__":
     main()

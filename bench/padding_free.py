@@ -15,13 +15,6 @@ this: whole runs on a shared 2-core machine vary by 10% from one to the next.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from pathlib import Path
-
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -33,46 +26,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
-    from instructkit import prepare
-    from instructkit.config import load_config
     from instructkit.data.collate import pad_batch
     from instructkit.data.packing import padding_free_batch
+    from interleaved import alternate, setup, shuffled_groups, train_step
 
-    overrides = ["output_dir=/tmp/padding-free-bench", f"model.precision={args.precision}",
-                 f"data.max_length={args.max_length}", "data.cache=false"]
-    if args.data:
-        overrides += [f"data.train_file={args.data}", "data.eval_file=null", "data.val_size=0", "data.template=alpaca"]
-    cfg = load_config(ROOT / "configs/quickstart.yaml", overrides)
-    model_path, tokenizer, data = prepare.setup_data(cfg)
-    run = prepare.setup_runtime(cfg)
-    objective = prepare.setup_objective(cfg, prepare.setup_model(cfg, model_path, run.plan)).train()  # dropout on
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).tolist()
-    groups = [[data.train[i] for i in order[k:k + 8]] for k in range(0, 8 * args.batches, 8)]
+    tokenizer, examples, run, objective = setup("/tmp/padding-free-bench", args.max_length, args.data,
+                                                [f"model.precision={args.precision}"])
+    groups = shuffled_groups(examples, args.batches)
     layouts = {"padded": [pad_batch(g, tokenizer.pad_token_id) for g in groups],
                "padding-free": [padding_free_batch(g) for g in groups]}
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.plan.compute_precision)
-
-    def step(batch: dict) -> float:
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = objective(**batch)
-        loss.backward()
-        objective.zero_grad(set_to_none=True)
-        return loss.item()
-
+    step = train_step(objective, run.plan.compute_precision)
     print(f"{run.plan.compute_precision}, {run.plan.attn_implementation}, {len(groups)} batches of 8")
     for name, batches in layouts.items():
         print(f"{name}: {sum(b['input_ids'].numel() for b in batches)} tokens computed, first losses "
               f"{[round(step(b), 3) for b in batches[:2]]}")
-    times = {name: [[] for _ in groups] for name in layouts}
-    for _ in range(args.repeats):
-        for i in range(len(groups)):
-            for name, batches in layouts.items():
-                start = time.perf_counter()
-                step(batches[i])
-                times[name][i].append(time.perf_counter() - start)
-    for name, per_batch in times.items():
-        print(f"{name}: fastest {sum(min(t) for t in per_batch):.2f} s, median "
-              f"{sum(statistics.median(t) for t in per_batch):.2f} s (summed over batches)")
+    alternate({name: (lambda i, b=b: step(b[i])) for name, b in layouts.items()}, len(groups), args.repeats)
 
 
 if __name__ == "__main__":
